@@ -1,0 +1,1 @@
+"""finetune-pipeline: the DVC stages, each runnable as ``python -m stages.<name>``."""

@@ -1,0 +1,1 @@
+"""Stage logic as plain functions over DataFrames, tensors and typed params."""

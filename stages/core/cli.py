@@ -1,0 +1,17 @@
+"""How every stage starts and fails: one clear line and a non-zero exit for user errors."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from stages.core.errors import PipelineError
+
+
+def run_stage(name: str, main: Callable[[], None]) -> None:
+    """Run a stage's ``main``; a PipelineError prints ``<name>: error: ...`` and exits 1."""
+    try:
+        main()
+    except PipelineError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,57 @@
+"""Fine-tuning: few-shot sampling and adapting a base model to the target domain."""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import torch
+
+from stages.core.data import LABEL
+from stages.core.errors import DataError
+from stages.core.model import Classifier
+from stages.core.params import Params
+from stages.core.training import FitOptions
+
+
+def sample_shots(frame: pd.DataFrame, shots_per_class: int, seed: int) -> pd.DataFrame:
+    """``shots_per_class`` labelled rows of every class, drawn without replacement, seeded."""
+    counts = frame[LABEL].value_counts()
+    short = counts[counts < shots_per_class]
+    if not short.empty:
+        raise DataError(
+            f"finetune.shots_per_class: class {short.index[0]!r} has only {short.iloc[0]} rows "
+            f"in the target train split (< {shots_per_class})"
+        )
+    shots = frame.groupby(LABEL, group_keys=False, sort=True).sample(
+        n=shots_per_class, random_state=seed
+    )
+    return shots.reset_index(drop=True)
+
+
+def adapt(base: Classifier, n_classes: int, strategy: str, seed: int) -> Classifier:
+    """A copy of ``base`` with a fresh, seeded head over ``n_classes``.
+
+    ``head`` freezes the body so that only the new head learns; ``full`` trains every layer.
+    """
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    model.head = torch.nn.Linear(model.head.in_features, n_classes)
+    model.body.requires_grad_(strategy == "full")
+    return model
+
+
+def few_shot_options(params: Params) -> FitOptions:
+    """Training options for the few-shot runs (fine-tune and the scratch baseline): fixed
+    epochs, no early stopping, since selecting on the val split would use more labels."""
+    tune = params.finetune
+    return FitOptions(
+        epochs=tune.epochs,
+        batch_size=tune.batch_size,
+        lr=tune.lr,
+        weight_decay=tune.weight_decay,
+        seed=tune.seed,
+        patience=None,
+        device=params.train.device,
+        precision=params.train.precision,
+    )

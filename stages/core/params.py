@@ -1,0 +1,158 @@
+"""The one params loader: params.yaml -> typed, validated objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stages.core.errors import ParamsError
+
+PARAMS_FILE = "params.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    source: str = "sklearn:digits"
+    label: str = "label"
+    features: list[str] | None = None
+    domain_column: str | None = None
+    base_domain: str = "base"
+    target_domain: str = "target"
+    target_fraction: float = Field(0.5, gt=0, lt=1)
+    target_transform: Literal["invert", "none"] = "invert"
+    seed: int = 42
+    image_shape: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _distinct_domains(self) -> DataParams:
+        if self.base_domain == self.target_domain:
+            raise ValueError("base_domain and target_domain must differ")
+        return self
+
+
+class ValidateParams(_Section):
+    feature_range: tuple[float, float] | None = (0, 16)
+    max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
+    min_rows_per_class: int = Field(5, ge=1)
+
+    @field_validator("feature_range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and value[0] > value[1]:
+            raise ValueError("feature_range must be [low, high] with low <= high")
+        return value
+
+
+class SplitParams(_Section):
+    seed: int = 42
+    test_size: float = Field(0.2, gt=0, lt=1)
+    val_size: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> SplitParams:
+        if self.test_size + self.val_size >= 1:
+            raise ValueError("test_size + val_size must leave rows for training (< 1)")
+        return self
+
+
+class ModelParams(_Section):
+    arch: Literal["mlp"] = "mlp"
+    scaling: Literal["global", "per_feature"] = "global"
+    hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(width < 1 for width in value):
+            raise ValueError("every hidden width must be >= 1")
+        return value
+
+
+class TrainParams(_Section):
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.001, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 42
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    patience: int | None = Field(10, ge=1)
+
+
+class FinetuneParams(_Section):
+    shots_per_class: int = Field(5, ge=1)
+    strategy: Literal["head", "full"] = "head"
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 42
+
+
+class EvaluateParams(_Section):
+    min_base_accuracy: float = Field(0.93, ge=0, le=1)
+    min_transfer_gain: float = Field(0.03, ge=-1, le=1)
+
+
+class TrackingParams(_Section):
+    experiment: str = Field("finetune-pipeline", min_length=1)
+    registered_model: str = Field("digits-classifier", min_length=1)
+
+
+class Params(_Section):
+    """Every section of params.yaml; a missing section takes its defaults."""
+
+    data: DataParams = Field(default_factory=DataParams)
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    split: SplitParams = Field(default_factory=SplitParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def section(self, name: str) -> dict:
+        """One section as plain data, keyed as in params.yaml."""
+        return getattr(self, "validate_" if name == "validate" else name).model_dump(mode="json")
+
+
+def _describe(error: dict, path: Path) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return f"{path}: unknown key '{key}'"
+    if "input" in error and error["type"] != "missing":
+        return f"{path}: {key}: {message} (got {error['input']!r})"
+    return f"{path}: {key}: {message}"
+
+
+def parse_params(raw: dict, path: Path | str = PARAMS_FILE) -> Params:
+    """Validate a params mapping; raise ParamsError naming the first bad key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise ParamsError(_describe(first, Path(path))) from None
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read params.yaml once into typed params; raise ParamsError on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(raw, path)

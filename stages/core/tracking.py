@@ -1,0 +1,110 @@
+"""The one tracking helper: where MLflow stores runs and how a stage logs to it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# No phoning home from any library the pipeline imports.
+QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+}
+for _key, _value in QUIET_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+
+def repo_root() -> Path:
+    """The project root: ``DVC_ROOT`` (set by DVC for every stage), else the nearest parent
+    holding ``.dvc``, else the working directory."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    cwd = Path.cwd().resolve()
+    return next((p for p in (cwd, *cwd.parents) if (p / ".dvc").is_dir()), cwd)
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store at the repo root (absolute, so that
+    experiments DVC runs in temporary copies log to the same store)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
+
+
+def ensure_experiment(name: str) -> str:
+    """The experiment's id, creating it (and the store's schema) when missing."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if tracking_uri().startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
+        artifact_location = (repo_root() / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifact_location)
+
+
+class StageRun:
+    """What a stage logs: params once, metrics per epoch or at the end, artifacts."""
+
+    def __init__(self, run):
+        self.run = run
+        self.id = run.info.run_id
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log every numeric value of ``metrics`` (nested keys joined with '.') in one call."""
+        import mlflow
+
+        numeric = {k: float(v) for k, v in flatten(metrics).items() if _is_number(v)}
+        mlflow.log_metrics(numeric, step=step)
+
+    def log_epoch(self, stats) -> None:
+        """Per-epoch training metrics, in one call per epoch."""
+        values = {k: v for k, v in vars(stats).items() if k != "epoch"}
+        self.log_metrics(values, step=stats.epoch)
+
+    def log_artifacts(self, *paths: Path | str, folder: str | None = None) -> None:
+        import mlflow
+
+        for path in map(Path, paths):
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=folder or path.name)
+            elif path.exists():
+                mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@contextmanager
+def stage_run(stage: str, experiment: str, params: Mapping[str, Any]) -> Iterator[StageRun]:
+    """An MLflow run for one stage, named after it, holding the params it read (flattened)."""
+    import mlflow
+
+    experiment_id = ensure_experiment(experiment)
+    tags = {"stage": stage}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+        mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()})
+        yield StageRun(run)
+
+
+def _param_value(value: Any) -> Any:
+    return "null" if value is None else value
