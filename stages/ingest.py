@@ -1,4 +1,4 @@
-"""Stage ingest: the source named in params -> data/raw/dataset.parquet (features, label, domain)."""
+"""Stage ingest: the source in params -> data/raw/dataset.parquet (features, label, domain)."""
 
 from stages.core import layout
 from stages.core.cli import run_stage

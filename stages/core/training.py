@@ -102,6 +102,11 @@ def fit(
     return FitResult(history=history, best_epoch=best_epoch, stopped_early=stopped_early)
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16 autocast when a dtype is chosen (CUDA); a no-op context in fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 @torch.no_grad()
 def evaluate_loss(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None = None
@@ -110,7 +115,7 @@ def evaluate_loss(
     model.eval()
     if len(x) == 0:
         return math.nan, math.nan
-    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with _autocast(x.device, autocast_dtype):
         logits = model(x)
     loss = nn.functional.cross_entropy(logits.float(), y)
     accuracy = (logits.argmax(dim=1) == y).float().mean()
