@@ -17,7 +17,9 @@ from stages.core.training import fit, fit_summary, history_rows
 def main() -> None:
     params = load_params()
     sections = {"finetune": params.section("finetune")}
-    sections["train"] = {"device": params.train.device, "precision": params.train.precision}
+    sections["train"] = {
+        k: getattr(params.train, k) for k in ("device", "precision", "cpu_threads")
+    }
     with stage_run("finetune", params.tracking.experiment, sections) as run:
         base, base_config = load_model(layout.BASE_MODEL)
         shots = sample_shots(

@@ -54,4 +54,5 @@ def few_shot_options(params: Params) -> FitOptions:
         patience=None,
         device=params.train.device,
         precision=params.train.precision,
+        cpu_threads=params.train.cpu_threads,
     )

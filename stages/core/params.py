@@ -84,6 +84,7 @@ class TrainParams(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     patience: int | None = Field(10, ge=1)
+    cpu_threads: int | None = Field(1, ge=1)
 
 
 class FinetuneParams(_Section):

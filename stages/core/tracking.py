@@ -49,13 +49,14 @@ def ensure_experiment(name: str) -> str:
     """The experiment's id, creating it (and the store's schema) when missing."""
     import mlflow
 
+    # Checked before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself.
+    local_store = not os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri())
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifact_location = None
-    if tracking_uri().startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
-        artifact_location = (repo_root() / "mlartifacts").as_uri()
+    # Artifacts of the local store sit beside it, not under whichever directory DVC ran in.
+    artifact_location = (repo_root() / "mlartifacts").as_uri() if local_store else None
     return mlflow.create_experiment(name, artifact_location=artifact_location)
 
 
