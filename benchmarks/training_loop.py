@@ -1,6 +1,7 @@
 """Our training loop (stages.core.training.fit) vs a bare PyTorch loop on the same work.
 
-Prints the throughput ratio (>= 0.9 is the target). Run: .venv/bin/python benchmarks/training_loop.py
+Prints the throughput ratio (target >= 0.9). Run from the repo root:
+    .venv/bin/python -m benchmarks.training_loop
 """
 
 from __future__ import annotations
