@@ -5,13 +5,13 @@ from stages.core.cli import run_stage
 from stages.core.data import DOMAIN, LABEL, build_raw_dataset, load_source
 from stages.core.io import write_parquet
 from stages.core.params import load_params
-from stages.core.tracking import repo_root, stage_run
+from stages.core.tracking import stage_run
 
 
 def main() -> None:
     params = load_params()
     with stage_run("ingest", params.tracking.experiment, {"data": params.section("data")}) as run:
-        raw = build_raw_dataset(load_source(params.data.source, repo_root()), params.data)
+        raw = build_raw_dataset(load_source(params.data.source), params.data)
         write_parquet(layout.RAW, raw)
         domains = raw[DOMAIN].value_counts()
         run.log_metrics(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -74,15 +75,23 @@ def resolve_features(frame: pd.DataFrame, params: DataParams) -> list[str]:
 def assign_domains(
     labels: pd.Series, target_fraction: float, seed: int, base: str, target: str
 ) -> pd.Series:
-    """Give each row the base or the target domain: disjoint, stratified by label, seeded."""
-    from sklearn.model_selection import train_test_split
+    """Give each row the base or the target domain: disjoint, stratified by label, seeded.
 
-    _, target_index = train_test_split(
-        labels.index, test_size=target_fraction, stratify=labels, random_state=seed
-    )
+    Each class (missing labels form one more group, for the validate stage to quarantine)
+    sends ``round(target_fraction * size)`` of its rows to the target domain.
+    """
+    rng = np.random.default_rng(seed)
     domain = pd.Series(base, index=labels.index, dtype=object)
-    domain.loc[target_index] = target
+    groups = labels.astype("string").fillna("<missing>")
+    for _, rows in labels.groupby(groups, sort=True):
+        n_target = round(len(rows) * target_fraction)
+        domain.loc[rng.permutation(rows.index.to_numpy())[:n_target]] = target
     return domain
+
+
+def plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds, so messages read ``class 1``."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def render_target(features: pd.DataFrame, transform: str) -> pd.DataFrame:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from stages.core.data import DOMAIN, LABEL
+from stages.core.data import DOMAIN, LABEL, plain
 from stages.core.errors import DataError
 from stages.core.params import ValidateParams
 
@@ -103,14 +103,23 @@ def quarantine_rows(frame: pd.DataFrame, result) -> tuple[pd.DataFrame, pd.DataF
     bad = sorted(reasons)
     rejected = frame.loc[bad].copy()
     rejected[REASON] = ["; ".join(reasons[row]) for row in bad]
-    clean = frame.drop(index=bad)
-    return clean.reset_index(drop=True), rejected.reset_index(drop=True), checks
+    clean = frame.drop(index=bad).reset_index(drop=True)
+    return restore_integer_labels(clean), rejected.reset_index(drop=True), checks
 
 
-def short_classes(clean: pd.DataFrame, min_rows: int) -> pd.Series:
-    """Clean-row counts of the (domain, class) pairs with fewer than ``min_rows`` rows."""
+def restore_integer_labels(frame: pd.DataFrame) -> pd.DataFrame:
+    """Integer labels that a missing value turned into floats become integers again."""
+    labels = frame[LABEL]
+    if pd.api.types.is_float_dtype(labels) and labels.notna().all() and (labels % 1 == 0).all():
+        frame = frame.assign(**{LABEL: labels.astype("int64")})
+    return frame
+
+
+def short_classes(clean: pd.DataFrame, min_rows: int, domains: list[str]) -> pd.Series:
+    """Clean-row counts of the (domain, class) pairs with fewer than ``min_rows`` rows; a
+    domain in ``domains`` with no clean rows at all counts 0 for every class."""
     index = pd.MultiIndex.from_product(
-        [sorted(clean[DOMAIN].unique()), sorted(clean[LABEL].unique())], names=[DOMAIN, LABEL]
+        [domains, sorted(clean[LABEL].unique())], names=[DOMAIN, LABEL]
     )
     counts = clean.groupby([DOMAIN, LABEL]).size().reindex(index, fill_value=0)
     return counts[counts < min_rows]
@@ -135,11 +144,11 @@ def gate(
             f"({fraction:.1%}) quarantined, more than {params.max_quarantine_fraction:.1%}; "
             "see data/quarantine/rejected.parquet"
         )
-    short = short_classes(clean, params.min_rows_per_class)
+    short = short_classes(clean, params.min_rows_per_class, domains)
     if not short.empty:
         (domain, label), count = next(iter(short.items()))
         failures.append(
-            f"validate.min_rows_per_class: class {label!r} has {count} clean rows in domain "
+            f"validate.min_rows_per_class: class {plain(label)!r} has {count} clean rows in domain "
             f"{domain!r} (< {params.min_rows_per_class}); {len(short)} (domain, class) pairs short"
         )
     checks["quarantine_share"] = {"success": fraction <= params.max_quarantine_fraction}

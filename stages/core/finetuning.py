@@ -7,7 +7,7 @@ import copy
 import pandas as pd
 import torch
 
-from stages.core.data import LABEL
+from stages.core.data import LABEL, plain
 from stages.core.errors import DataError
 from stages.core.model import Classifier
 from stages.core.params import Params
@@ -20,8 +20,8 @@ def sample_shots(frame: pd.DataFrame, shots_per_class: int, seed: int) -> pd.Dat
     short = counts[counts < shots_per_class]
     if not short.empty:
         raise DataError(
-            f"finetune.shots_per_class: class {short.index[0]!r} has only {short.iloc[0]} rows "
-            f"in the target train split (< {shots_per_class})"
+            f"finetune.shots_per_class: class {plain(short.index[0])!r} has only "
+            f"{short.iloc[0]} rows in the target train split (< {shots_per_class})"
         )
     shots = frame.groupby(LABEL, group_keys=False, sort=True).sample(
         n=shots_per_class, random_state=seed

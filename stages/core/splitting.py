@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from stages.core.data import DOMAIN, LABEL
+from stages.core.data import DOMAIN, LABEL, plain
 from stages.core.errors import DataError
 from stages.core.params import SplitParams
 
@@ -27,7 +27,7 @@ def split_frame(frame: pd.DataFrame, params: SplitParams, where: str) -> dict[st
         counts = frame[LABEL].value_counts().sort_values()
         raise DataError(
             f"split: cannot stratify the {where} domain ({len(frame)} rows; "
-            f"smallest class {counts.index[0]!r} has {counts.iloc[0]} rows): {exc}"
+            f"smallest class {plain(counts.index[0])!r} has {counts.iloc[0]} rows): {exc}"
         ) from None
     return {"train": train, "val": val, "test": test}
 

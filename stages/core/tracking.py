@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -20,17 +21,26 @@ for _key, _value in QUIET_ENV.items():
 
 def repo_root() -> Path:
     """The project root: ``DVC_ROOT`` (set by DVC for every stage), else the nearest parent
-    holding ``.dvc``, else the working directory."""
+    holding ``.dvc``, else the working directory.
+
+    Queued experiments run in copies under ``.dvc/tmp/exps/`` with ``DVC_ROOT`` still naming
+    the real root, so their runs land in the project's own store.
+    """
     if os.environ.get("DVC_ROOT"):
         return Path(os.environ["DVC_ROOT"]).resolve()
     cwd = Path.cwd().resolve()
     return next((p for p in (cwd, *cwd.parents) if (p / ".dvc").is_dir()), cwd)
 
 
+def local_store_uri() -> str:
+    """The default store: a SQLite file at the repo root (absolute, so that experiments DVC
+    runs in temporary copies log to the same store)."""
+    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store at the repo root (absolute, so that
-    experiments DVC runs in temporary copies log to the same store)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI`` if set, else the local store at the repo root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri()
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -48,15 +58,25 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def ensure_experiment(name: str) -> str:
     """The experiment's id, creating it (and the store's schema) when missing."""
     import mlflow
+    from filelock import FileLock
 
-    # Checked before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself.
-    local_store = not os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri != local_store_uri():
+        return _get_or_create_experiment(name, None)
+    # Queued experiments (`dvc queue start -j 2`) may start on a fresh store at once: one
+    # process creates the schema and the experiment while the others wait.
+    with FileLock(repo_root() / ".mlflow.db.lock"):
+        # Artifacts of the local store sit beside it, not under whichever directory DVC ran in.
+        return _get_or_create_experiment(name, (repo_root() / "mlartifacts").as_uri())
+
+
+def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
+    import mlflow
+
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    # Artifacts of the local store sit beside it, not under whichever directory DVC ran in.
-    artifact_location = (repo_root() / "mlartifacts").as_uri() if local_store else None
     return mlflow.create_experiment(name, artifact_location=artifact_location)
 
 
@@ -90,7 +110,8 @@ class StageRun:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    # numbers.Real covers numpy scalars too (pandas counts are np.int64).
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @contextmanager

@@ -1,0 +1,74 @@
+"""How a stage fails: a PipelineError is one line on stderr and exit code 1."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+from stages.core.cli import run_stage
+from stages.core.errors import DataError, GateError, ParamsError, PipelineError
+
+STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
+
+
+def test_success_returns_normally(capsys) -> None:
+    calls = []
+    assert run_stage("train", lambda: calls.append(1)) is None
+    assert calls == [1]
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("error", [PipelineError, ParamsError, DataError, GateError])
+def test_pipeline_error_is_one_line_and_exit_1(capsys, error) -> None:
+    def main() -> None:
+        raise error("validate.max_quarantine_fraction: 7 of 72 rows quarantined")
+
+    with pytest.raises(SystemExit) as caught:
+        run_stage("validate", main)
+    assert caught.value.code == 1
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "validate: error: validate.max_quarantine_fraction: 7 of 72 rows quarantined\n"
+
+
+def test_other_errors_are_not_hidden() -> None:
+    """A bug is not a user error: it keeps its traceback."""
+
+    def main() -> None:
+        raise ZeroDivisionError("bug")
+
+    with pytest.raises(ZeroDivisionError):
+        run_stage("train", main)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_reports_missing_params_in_one_line(capsys, stage: str) -> None:
+    module = importlib.import_module(f"stages.{stage}")
+    with pytest.raises(SystemExit) as caught:
+        run_stage(stage, module.main)
+    assert caught.value.code == 1
+    assert capsys.readouterr().err == f"{stage}: error: params.yaml: file not found\n"
+
+
+def test_stage_module_exits_1_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("train:\n  lrr: 0.1\n")
+    env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.ingest"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr == "ingest: error: params.yaml: unknown key 'train.lrr'\n"
+    assert done.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -1,0 +1,240 @@
+"""Ingest: a source -> the canonical raw table (features as float, then label, then domain)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages.core.data import (
+    DOMAIN,
+    LABEL,
+    assign_domains,
+    build_raw_dataset,
+    load_source,
+    render_target,
+    resolve_features,
+)
+from stages.core.errors import DataError
+from stages.core.params import DataParams
+
+
+@pytest.fixture(scope="module")
+def digits() -> pd.DataFrame:
+    return load_source("sklearn:digits")
+
+
+@pytest.fixture(scope="module")
+def digits_raw(digits: pd.DataFrame) -> pd.DataFrame:
+    return build_raw_dataset(digits, DataParams())
+
+
+@pytest.fixture(scope="module")
+def pixels(digits: pd.DataFrame) -> list[str]:
+    return [c for c in digits.columns if c != LABEL]
+
+
+def test_digits_source(digits: pd.DataFrame, pixels: list[str]) -> None:
+    assert digits.shape == (1797, 65)
+    assert len(pixels) == 64
+    assert sorted(digits[LABEL].unique()) == list(range(10))
+    assert digits[pixels].to_numpy().max() == 16
+
+
+def test_digits_raw_schema(digits_raw: pd.DataFrame, pixels: list[str]) -> None:
+    assert digits_raw.shape == (1797, 66)
+    assert list(digits_raw.columns) == [*pixels, LABEL, DOMAIN]
+    assert all(digits_raw[c].dtype == np.float64 for c in pixels)
+    assert isinstance(digits_raw.index, pd.RangeIndex)
+    assert set(digits_raw[DOMAIN]) == {"base", "target"}
+
+
+def test_digits_domains_are_disjoint_halves(digits: pd.DataFrame, digits_raw) -> None:
+    # Every source image appears once, in exactly one domain.
+    assert len(digits_raw) == len(digits)
+    assert digits_raw[DOMAIN].isin(["base", "target"]).all()
+    counts = digits_raw[DOMAIN].value_counts()
+    assert counts.sum() == 1797
+    assert abs(counts["target"] - counts["base"]) <= 1
+
+
+def test_digits_domains_are_stratified(digits_raw: pd.DataFrame) -> None:
+    per_class = pd.crosstab(digits_raw[LABEL], digits_raw[DOMAIN])
+    assert list(per_class.index) == list(range(10))
+    assert (per_class["target"] - per_class["base"]).abs().max() <= 2
+    assert (per_class.min(axis=1) >= 85).all()
+
+
+def test_target_domain_is_inverted(digits: pd.DataFrame, digits_raw, pixels) -> None:
+    is_target = (digits_raw[DOMAIN] == "target").to_numpy()
+    source = digits[pixels].to_numpy(np.float64)
+    rendered = digits_raw[pixels].to_numpy()
+    np.testing.assert_array_equal(rendered[is_target], 16.0 - source[is_target])
+    np.testing.assert_array_equal(rendered[~is_target], source[~is_target])
+    np.testing.assert_array_equal(digits_raw[LABEL].to_numpy(), digits[LABEL].to_numpy())
+    assert rendered.min() == 0 and rendered.max() == 16
+
+
+def test_ingest_is_seeded(digits: pd.DataFrame, digits_raw: pd.DataFrame) -> None:
+    again = build_raw_dataset(digits, DataParams())
+    pd.testing.assert_frame_equal(again, digits_raw)
+    other = build_raw_dataset(digits, DataParams(seed=7))
+    assert not other[DOMAIN].equals(digits_raw[DOMAIN])
+    assert other[DOMAIN].value_counts().to_dict() == digits_raw[DOMAIN].value_counts().to_dict()
+
+
+def test_target_fraction_and_no_transform(digits: pd.DataFrame, pixels) -> None:
+    raw = build_raw_dataset(digits, DataParams(target_fraction=0.25, target_transform="none"))
+    assert (raw[DOMAIN] == "target").sum() == pytest.approx(0.25 * 1797, abs=1)
+    np.testing.assert_array_equal(raw[pixels].to_numpy(), digits[pixels].to_numpy(np.float64))
+
+
+def test_custom_domain_names(digits: pd.DataFrame) -> None:
+    raw = build_raw_dataset(digits, DataParams(base_domain="light", target_domain="dark"))
+    assert set(raw[DOMAIN]) == {"light", "dark"}
+
+
+def test_assign_domains_is_stratified_and_seeded() -> None:
+    labels = pd.Series(np.repeat([0, 1, 2, 3], 10), index=np.arange(100, 140))
+    domain = assign_domains(labels, 0.3, seed=3, base="b", target="t")
+    assert domain.index.equals(labels.index)
+    assert pd.crosstab(labels, domain)["t"].tolist() == [3, 3, 3, 3]
+    assert domain.equals(assign_domains(labels, 0.3, seed=3, base="b", target="t"))
+
+
+def test_render_target_uses_the_global_maximum() -> None:
+    frame = pd.DataFrame({"a": [0.0, 4.0], "b": [10.0, 2.0]})
+    rendered = render_target(frame, "invert")
+    assert rendered.to_dict("list") == {"a": [10.0, 6.0], "b": [0.0, 8.0]}
+    assert render_target(frame, "none") is frame
+
+
+def _own_source(rows_per_site: int = 6) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    n = 2 * rows_per_site
+    return pd.DataFrame(
+        {
+            "height": rng.uniform(0, 10, n),
+            "weight": rng.integers(0, 10, n),
+            "note": ["x"] * n,
+            "diagnosis": np.tile([0, 1], rows_per_site),
+            "site": ["A"] * rows_per_site + ["B"] * rows_per_site,
+        }
+    )
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_file_source_with_a_domain_column(tmp_path: Path, suffix: str) -> None:
+    source = _own_source()
+    path = tmp_path / "data" / f"own{suffix}"
+    path.parent.mkdir()
+    if suffix == ".csv":
+        source.to_csv(path, index=False)
+    else:
+        source.to_parquet(path, index=False)
+    params = DataParams(
+        source=f"data/own{suffix}",
+        label="diagnosis",
+        domain_column="site",
+        base_domain="A",
+        target_domain="B",
+    )
+    loaded = load_source(params.source, root=tmp_path)
+    raw = build_raw_dataset(loaded, params)
+    # Numeric columns only, label and domain column excluded; values are not transformed.
+    assert list(raw.columns) == ["height", "weight", LABEL, DOMAIN]
+    assert raw["weight"].dtype == np.float64
+    np.testing.assert_allclose(raw["height"], source["height"])
+    assert raw[LABEL].tolist() == source["diagnosis"].tolist()
+    assert raw[DOMAIN].tolist() == source["site"].tolist()
+
+
+def test_numeric_domain_column_becomes_strings() -> None:
+    source = _own_source().assign(site=[1] * 6 + [2] * 6)
+    params = DataParams(label="diagnosis", domain_column="site", base_domain="1", target_domain="2")
+    raw = build_raw_dataset(source, params)
+    assert raw[DOMAIN].tolist() == ["1"] * 6 + ["2"] * 6
+    assert "site" not in raw.columns
+
+
+def test_explicit_features_keep_their_order() -> None:
+    params = DataParams(label="diagnosis", features=["weight", "height"], domain_column="site")
+    raw = build_raw_dataset(_own_source(), params)
+    assert list(raw.columns) == ["weight", "height", LABEL, DOMAIN]
+
+
+def test_missing_label_column() -> None:
+    with pytest.raises(DataError, match=r"data\.label: column 'diagnosis' not in the source"):
+        build_raw_dataset(_own_source().drop(columns="diagnosis"), DataParams(label="diagnosis"))
+
+
+def test_missing_domain_column() -> None:
+    params = DataParams(label="diagnosis", domain_column="hospital")
+    with pytest.raises(DataError, match=r"data\.domain_column: column 'hospital'"):
+        build_raw_dataset(_own_source(), params)
+
+
+def test_missing_feature_column() -> None:
+    params = DataParams(label="diagnosis", features=["height", "age"])
+    with pytest.raises(DataError, match=r"data\.features: .*\['age'\]"):
+        resolve_features(_own_source(), params)
+
+
+def test_feature_may_not_be_called_domain() -> None:
+    source = _own_source().rename(columns={"weight": DOMAIN})
+    with pytest.raises(DataError, match=r"data\.features: .*may not be named \['domain'\]"):
+        resolve_features(source, DataParams(label="diagnosis", domain_column="site"))
+
+
+def test_no_numeric_features() -> None:
+    source = pd.DataFrame({"name": ["a", "b"], "label": [0, 1]})
+    with pytest.raises(DataError, match="no numeric feature columns"):
+        resolve_features(source, DataParams())
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("sklearn:mnist", "unknown sklearn dataset 'mnist'"),
+        ("https://example.org/data.csv", "remote sources are not supported"),
+        ("openml:554", "remote sources are not supported"),
+        ("data/absent.csv", "file not found: data/absent.csv"),
+    ],
+)
+def test_unusable_sources(source: str, expected: str) -> None:
+    with pytest.raises(DataError, match=expected) as caught:
+        load_source(source)
+    assert "\n" not in str(caught.value)
+
+
+def test_unsupported_file_type(tmp_path: Path) -> None:
+    (tmp_path / "data.json").write_text("{}")
+    with pytest.raises(DataError, match=r"expected a \.csv or \.parquet file"):
+        load_source("data.json", root=tmp_path)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"broken\.parquet: cannot read: "):
+        load_source("broken.parquet", root=tmp_path)
+
+
+def test_class_too_small_to_stratify_still_ingests() -> None:
+    # A one-row class cannot be split between domains; the validate gate's
+    # min_rows_per_class reports it, ingest must not crash on it.
+    source = pd.DataFrame({"a": np.arange(21.0), "label": [0] * 10 + [1] * 10 + [2]})
+    raw = build_raw_dataset(source, DataParams())
+    assert len(raw) == 21
+    assert (raw["domain"] == "target").sum() == 10
+    assert raw.loc[raw["label"] == 2, "domain"].tolist() == ["base"]
+
+
+def test_missing_labels_do_not_crash_ingest() -> None:
+    source = pd.DataFrame({"a": np.arange(20.0), "label": [0.0] * 9 + [1.0] * 9 + [np.nan, np.nan]})
+    try:
+        raw = build_raw_dataset(source, DataParams())
+    except DataError:  # a one-line error is acceptable; a traceback is not
+        return
+    assert len(raw) == 20

@@ -1,0 +1,178 @@
+"""The classifier, feature scaling, device choice, and saving (safetensors + config.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_blobs, make_config, make_model, state_copy, states_equal
+from safetensors.torch import load_file
+
+from stages.core.errors import DataError
+from stages.core.model import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Classifier,
+    ModelConfig,
+    encode,
+    fit_scaling,
+    load_model,
+    resolve_device,
+    resolve_precision,
+    save_model,
+)
+from stages.core.training import FitOptions, fit
+
+
+@pytest.fixture
+def config() -> ModelConfig:
+    x, _ = make_blobs(10, seed=0)
+    return make_config(x, hidden=[8, 6]).replace(image_shape=[2, 2], trained_on={"rows": 30})
+
+
+def test_global_scaling_is_one_min_max_for_all_features() -> None:
+    x = np.array([[0.0, 4.0, 2.0], [16.0, 8.0, 1.0]])
+    mean, std = fit_scaling(x, "global")
+    assert mean == [0.0, 0.0, 0.0]
+    assert std == [16.0, 16.0, 16.0]
+    scaled = (x - np.array(mean)) / np.array(std)
+    assert scaled.min() == 0 and scaled.max() == 1
+
+
+def test_global_scaling_of_a_constant_input_keeps_unit_scale() -> None:
+    mean, std = fit_scaling(np.full((4, 2), 3.0), "global")
+    assert (mean, std) == ([3.0, 3.0], [1.0, 1.0])
+
+
+def test_per_feature_scaling_standardises_each_column() -> None:
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.normal(5, 2, 200), rng.normal(-3, 0.1, 200), np.full(200, 7.0)])
+    mean, std = fit_scaling(x, "per_feature")
+    assert len(mean) == len(std) == 3
+    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-6)
+    assert std[2] == 1.0  # constant column: scale 1, not 0
+    scaled = (x - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(scaled[:, :2].mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(scaled[:, :2].std(axis=0), 1, atol=1e-5)
+    np.testing.assert_array_equal(scaled[:, 2], 0)
+
+
+def test_classifier_layers(config: ModelConfig) -> None:
+    model = Classifier(config)
+    linear = [m for m in model.body if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [(4, 8), (8, 6)]
+    assert (model.head.in_features, model.head.out_features) == (6, 3)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.body)
+    with_dropout = Classifier(config.replace(dropout=0.2))
+    assert sum(isinstance(m, torch.nn.Dropout) for m in with_dropout.body) == 2
+    assert model(torch.zeros(5, 4)).shape == (5, 3)
+
+
+def test_classifier_standardises_its_input(config: ModelConfig) -> None:
+    model = make_model(config)
+    x = torch.randn(6, 4)
+    manual = model.head(model.body((x - torch.tensor(config.mean)) / torch.tensor(config.std)))
+    torch.testing.assert_close(model(x), manual)
+
+
+def test_config_replace_returns_a_new_config(config: ModelConfig) -> None:
+    changed = config.replace(classes=["a", "b"], trained_on={"domain": "target"})
+    assert changed.classes == ["a", "b"] and changed.trained_on == {"domain": "target"}
+    assert config.classes == [0, 1, 2] and config.trained_on == {"rows": 30}
+    assert changed.mean == config.mean
+
+
+def test_save_writes_safetensors_and_config(tmp_path: Path, config: ModelConfig) -> None:
+    model = make_model(config)
+    save_model(tmp_path / "model", model, config)
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert json.loads((tmp_path / "model" / CONFIG_FILE).read_text()) == asdict(config)
+    weights = load_file(str(tmp_path / "model" / WEIGHTS_FILE))
+    assert weights.keys() == model.state_dict().keys()
+    assert {"mean", "std"}.isdisjoint(weights)  # normalisation lives in config.json
+
+
+def test_round_trip_restores_weights_config_and_predictions(tmp_path: Path, config) -> None:
+    (x, y), val = make_blobs(10, seed=0), make_blobs(4, seed=1)
+    model = make_model(config)
+    fit(model, (x, y), val, FitOptions(epochs=3, batch_size=8, lr=0.01, device="cpu"))
+    save_model(tmp_path, model, config)
+    loaded, loaded_config = load_model(tmp_path)
+    assert loaded_config == config
+    assert states_equal(state_copy(loaded), state_copy(model))
+    probe = torch.randn(20, 4) * 4
+    model.eval()
+    loaded.eval()
+    torch.testing.assert_close(loaded(probe), model(probe), rtol=0, atol=0)
+
+
+def test_same_model_gives_byte_identical_files(tmp_path: Path, config: ModelConfig) -> None:
+    save_model(tmp_path / "a", make_model(config, seed=1), config)
+    save_model(tmp_path / "b", make_model(config, seed=1), config)
+    loaded, loaded_config = load_model(tmp_path / "a")
+    save_model(tmp_path / "c", loaded, loaded_config)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        first = (tmp_path / "a" / name).read_bytes()
+        assert (tmp_path / "b" / name).read_bytes() == first
+        assert (tmp_path / "c" / name).read_bytes() == first
+    save_model(tmp_path / "d", make_model(config, seed=2), config)
+    other = (tmp_path / "d" / WEIGHTS_FILE).read_bytes()
+    assert other != (tmp_path / "a" / WEIGHTS_FILE).read_bytes()
+
+
+def test_save_overwrites_atomically(tmp_path: Path, config: ModelConfig) -> None:
+    save_model(tmp_path, make_model(config, seed=1), config)
+    second = make_model(config, seed=2)
+    save_model(tmp_path, second, config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert states_equal(state_copy(load_model(tmp_path)[0]), state_copy(second))
+
+
+def test_string_classes_survive_the_round_trip(tmp_path: Path, config: ModelConfig) -> None:
+    config = config.replace(classes=["cat", "dog", "eel"])
+    save_model(tmp_path, make_model(config), config)
+    assert load_model(tmp_path)[1].classes == ["cat", "dog", "eel"]
+
+
+def test_encode_follows_the_config_order(config: ModelConfig) -> None:
+    config = config.replace(classes=["b", "a", "c"], feature_names=["f2", "f0", "f1", "f3"])
+    frame = pd.DataFrame(
+        {"f0": [1, 2], "f1": [3, 4], "f2": [5, 6], "f3": [7, 8], "label": ["a", "c"]}
+    )
+    x, y = encode(frame, config)
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.tolist() == [[5, 1, 3, 7], [6, 2, 4, 8]]
+    assert y.tolist() == [1, 2]
+
+
+def test_encode_rejects_unknown_labels(config: ModelConfig) -> None:
+    frame = pd.DataFrame({"f0": [0.0], "f1": [0.0], "f2": [0.0], "f3": [0.0], "label": [7]})
+    with pytest.raises(DataError, match=r"labels \[7\] are not among the model's classes"):
+        encode(frame, config)
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "expected"),
+    [
+        ("auto", "cpu", None),
+        ("auto", "cuda", torch.bfloat16),
+        ("fp32", "cuda", None),
+        ("fp32", "cpu", None),
+        ("bf16", "cpu", torch.bfloat16),
+        ("bf16", "cuda", torch.bfloat16),
+    ],
+)
+def test_resolve_precision(requested: str, device: str, expected) -> None:
+    assert resolve_precision(requested, torch.device(device)) == expected

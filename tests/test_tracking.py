@@ -1,0 +1,214 @@
+"""Tracking: where the MLflow store is, and what a stage run logs (real SQLite store)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TEST_EXPERIMENT
+
+from stages.core.errors import DataError
+from stages.core.tracking import (
+    ensure_experiment,
+    flatten,
+    repo_root,
+    stage_run,
+    tracking_uri,
+)
+from stages.core.training import EpochStats
+
+SECTIONS = {
+    "train": {"lr": 0.01, "epochs": 3, "patience": None, "device": "auto"},
+    "model": {"hidden": [128, 64], "dropout": 0.0},
+}
+
+
+def test_flatten() -> None:
+    tree = {"a": 1, "b": {"c": 2, "d": {"e": None}}, "f": [1, 2]}
+    assert flatten(tree) == {"a": 1, "b.c": 2, "b.d.e": None, "f": [1, 2]}
+    assert flatten({"lr": 0.1}, prefix="train.") == {"train.lr": 0.1}
+    assert flatten({}) == {}
+
+
+def test_repo_root_from_dvc_root(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo" / ".." / "repo"))
+    assert repo_root() == (tmp_path / "repo").resolve()
+
+
+def test_repo_root_is_the_nearest_parent_with_dvc(monkeypatch, tmp_path: Path) -> None:
+    (tmp_path / ".dvc").mkdir()
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
+    assert repo_root() == tmp_path.resolve()
+
+
+def test_repo_root_falls_back_to_cwd(tmp_path: Path) -> None:
+    assert not any((p / ".dvc").is_dir() for p in (tmp_path, *tmp_path.parents))
+    assert repo_root() == tmp_path.resolve()
+
+
+def test_tracking_uri(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////somewhere/else.db")
+    assert tracking_uri() == "sqlite:////somewhere/else.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking_uri().startswith("sqlite:////")  # absolute: queued experiments share it
+
+
+def test_stage_run_logs_flattened_params_and_tags(mlflow_client) -> None:
+    with stage_run("train", TEST_EXPERIMENT, SECTIONS) as run:
+        pass
+    logged = mlflow_client.get_run(run.id)
+    assert logged.data.params == {
+        "train.lr": "0.01",
+        "train.epochs": "3",
+        "train.patience": "null",
+        "train.device": "auto",
+        "model.hidden": "[128, 64]",
+        "model.dropout": "0.0",
+    }
+    assert logged.data.tags["stage"] == "train"
+    assert logged.data.tags["mlflow.runName"] == "train"
+    assert "dvc_exp_name" not in logged.data.tags
+    assert logged.info.status == "FINISHED"
+    experiment = mlflow_client.get_experiment(logged.info.experiment_id)
+    assert experiment.name == TEST_EXPERIMENT
+
+
+def test_stage_run_tags_the_dvc_experiment(monkeypatch, mlflow_client) -> None:
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-lark")
+    with stage_run("evaluate", TEST_EXPERIMENT, {}) as run:
+        pass
+    assert mlflow_client.get_run(run.id).data.tags["dvc_exp_name"] == "lucky-lark"
+
+
+def test_runs_table_compares_params(mlflow_client) -> None:
+    marker = uuid.uuid4().hex
+    with stage_run("split", TEST_EXPERIMENT, {"split": {"seed": 3, "marker": marker}}) as run:
+        run.log_metrics({"rows_base_train": 84})
+    import mlflow
+
+    runs = mlflow.search_runs(
+        experiment_names=[TEST_EXPERIMENT], filter_string=f"params.`split.marker` = '{marker}'"
+    )
+    assert runs["run_id"].tolist() == [run.id]
+    assert runs.loc[0, "params.split.seed"] == "3"
+    assert runs.loc[0, "metrics.rows_base_train"] == 84
+    assert runs.loc[0, "tags.stage"] == "split"
+
+
+def test_log_metrics_flattens_and_keeps_numbers_only(mlflow_client) -> None:
+    report = {
+        "rows_in": 72,
+        "quarantine_fraction": 0.25,
+        "checks": {"not_null": {"success": False, "failed_rows": 3}},
+        "failures": ["validate.max_quarantine_fraction: ..."],
+        "stopped_early": True,
+        "note": "text",
+        "base": {"accuracy": 0.97, "f1_macro": 0.96},
+    }
+    with stage_run("validate", TEST_EXPERIMENT, {}) as run:
+        run.log_metrics(report)
+    assert mlflow_client.get_run(run.id).data.metrics == {
+        "rows_in": 72.0,
+        "quarantine_fraction": 0.25,
+        "checks.not_null.failed_rows": 3.0,
+        "base.accuracy": 0.97,
+        "base.f1_macro": 0.96,
+    }
+
+
+def test_log_metrics_keeps_numpy_numbers(mlflow_client) -> None:
+    with stage_run("ingest", TEST_EXPERIMENT, {}) as run:
+        run.log_metrics({"rows": np.int64(1797), "loss": np.float32(0.5)})
+    assert mlflow_client.get_run(run.id).data.metrics == {"rows": 1797.0, "loss": 0.5}
+
+
+def test_log_epoch_logs_each_epoch_in_one_call(monkeypatch, mlflow_client) -> None:
+    import mlflow
+
+    calls = []
+    real = mlflow.log_metrics
+
+    def spy(metrics, *args, **kwargs):
+        calls.append((dict(metrics), kwargs.get("step")))
+        return real(metrics, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_metrics", spy)
+    history = [EpochStats(e, 1.0 / e, 2.0 / e, 0.5 + e / 10) for e in (1, 2, 3)]
+    with stage_run("train", TEST_EXPERIMENT, {}) as run:
+        for stats in history:
+            run.log_epoch(stats)
+    assert [step for _, step in calls] == [1, 2, 3]
+    assert calls[0][0] == {"train_loss": 1.0, "val_loss": 2.0, "val_accuracy": 0.6}
+    val_loss = mlflow_client.get_metric_history(run.id, "val_loss")
+    assert [(m.step, m.value) for m in val_loss] == [(1, 2.0), (2, 1.0), (3, 2.0 / 3)]
+    assert "epoch" not in mlflow_client.get_run(run.id).data.metrics
+
+
+def test_log_artifacts(tmp_path: Path, mlflow_client) -> None:
+    model_dir = tmp_path / "models" / "base"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}\n")
+    (model_dir / "model.safetensors").write_bytes(b"weights")
+    plot = tmp_path / "plots" / "train.csv"
+    plot.parent.mkdir()
+    plot.write_text("epoch,loss\n1,0.5\n")
+    with stage_run("train", TEST_EXPERIMENT, {}) as run:
+        run.log_artifacts(model_dir, plot, tmp_path / "absent.json")
+        run.log_artifacts(plot, folder="extra")
+    artifacts = {a.path for a in mlflow_client.list_artifacts(run.id)}
+    assert artifacts == {"base", "train.csv", "extra"}
+    in_model = {a.path for a in mlflow_client.list_artifacts(run.id, "base")}
+    assert in_model == {"base/config.json", "base/model.safetensors"}
+    local = mlflow_client.download_artifacts(run.id, "base/model.safetensors", str(tmp_path))
+    assert Path(local).read_bytes() == b"weights"
+
+
+def test_failed_stage_marks_the_run_failed(mlflow_client) -> None:
+    with (
+        pytest.raises(DataError, match="bad rows"),
+        stage_run("validate", TEST_EXPERIMENT, {}) as r,
+    ):
+        run_id = r.id
+        raise DataError("bad rows")
+    assert mlflow_client.get_run(run_id).info.status == "FAILED"
+    import mlflow
+
+    assert mlflow.active_run() is None
+
+
+def test_ensure_experiment_is_idempotent(mlflow_client) -> None:
+    name = f"exp-{uuid.uuid4().hex[:8]}"
+    first = ensure_experiment(name)
+    assert ensure_experiment(name) == first
+    assert mlflow_client.get_experiment(first).name == name
+
+
+def _default_store(monkeypatch, mlflow_dir: Path) -> None:
+    """No MLFLOW_TRACKING_URI: the store at the repo root (the session store's directory)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(None)  # forget the URI an earlier test set in this process
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(mlflow_dir))
+
+
+def test_default_store_keeps_artifacts_beside_it(monkeypatch, mlflow_dir, mlflow_client) -> None:
+    _default_store(monkeypatch, mlflow_dir)
+    experiment_id = ensure_experiment(f"local-{uuid.uuid4().hex[:8]}")
+    experiment = mlflow_client.get_experiment(experiment_id)
+    assert experiment.artifact_location == (mlflow_dir.resolve() / "mlartifacts").as_uri()
+
+
+def test_every_new_experiment_keeps_artifacts_beside_the_local_store(
+    monkeypatch, mlflow_dir, mlflow_client
+) -> None:
+    _default_store(monkeypatch, mlflow_dir)
+    ensure_experiment(f"local-{uuid.uuid4().hex[:8]}")
+    second = mlflow_client.get_experiment(ensure_experiment(f"local-{uuid.uuid4().hex[:8]}"))
+    assert second.artifact_location == (mlflow_dir.resolve() / "mlartifacts").as_uri()
