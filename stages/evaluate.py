@@ -9,16 +9,18 @@ from stages.core.data import LABEL
 from stages.core.errors import GateError
 from stages.core.evaluation import (
     classical_baseline,
+    compare_on_draws,
     failed_gates,
     predictions,
     render_report,
     scores,
-    train_scratch,
+    summarize_draws,
 )
-from stages.core.finetuning import few_shot_options, sample_shots
+from stages.core.finetuning import sample_shots
 from stages.core.io import write_csv, write_json, write_text
 from stages.core.model import load_model
 from stages.core.params import load_params
+from stages.core.splitting import PARTS
 from stages.core.tracking import stage_run
 
 
@@ -26,36 +28,25 @@ def main() -> None:
     params = load_params()
     sections = {key: params.section(key) for key in ("evaluate", "finetune", "model")}
     with stage_run("evaluate", params.tracking.experiment, sections) as run:
-        split = {
-            (role, part): pd.read_parquet(layout.split_path(role, part))
-            for role in ("base", "target")
-            for part in ("train", "val", "test")
-        }
+        base_test = pd.read_parquet(layout.split_path("base", "test"))
+        target = {part: pd.read_parquet(layout.split_path("target", part)) for part in PARTS}
         base, base_config = load_model(layout.BASE_MODEL)
         tuned, tuned_config = load_model(layout.FINETUNED_MODEL)
-        target_test = split["target", "test"]
-        shots = sample_shots(
-            split["target", "train"], params.finetune.shots_per_class, params.finetune.seed
-        )
-        tuned_pairs = predictions(tuned, tuned_config, target_test)
-        scratch, scratch_config = train_scratch(
-            shots,
-            split["target", "val"],
-            tuned_config,
-            params.model.scaling,
-            few_shot_options(params),
-        )
+        draws = compare_on_draws(base, base_config, (tuned, tuned_config), target, params)
+        shots = sample_shots(target["train"], params.finetune.shots_per_class, params.finetune.seed)
+        tuned_pairs = predictions(tuned, tuned_config, target["test"])
         metrics = {
-            "base": scores(predictions(base, base_config, split["base", "test"])),
-            "finetuned": scores(tuned_pairs),
-            "scratch": scores(predictions(scratch, scratch_config, target_test)),
-            "sklearn": classical_baseline(shots, target_test, tuned_config.feature_names),
+            "base": scores(predictions(base, base_config, base_test)),
+            "finetuned": draws[0]["finetuned"],
+            "scratch": draws[0]["scratch"],
+            "sklearn": classical_baseline(shots, target["test"], tuned_config.feature_names),
+            "transfer_gain": round(
+                draws[0]["finetuned"]["accuracy"] - draws[0]["scratch"]["accuracy"], 6
+            ),
+            "transfer": summarize_draws(draws),
         }
-        if set(target_test[LABEL]) <= set(base_config.classes):
-            metrics["zero_shot"] = scores(predictions(base, base_config, target_test))
-        metrics["transfer_gain"] = round(
-            metrics["finetuned"]["accuracy"] - metrics["scratch"]["accuracy"], 6
-        )
+        if set(target["test"][LABEL]) <= set(base_config.classes):
+            metrics["zero_shot"] = scores(predictions(base, base_config, target["test"]))
         failures = failed_gates(metrics, params.evaluate)
         write_json(layout.EVALUATE_METRICS, metrics)
         write_csv(layout.CONFUSION_PLOT, tuned_pairs)

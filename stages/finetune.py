@@ -5,13 +5,12 @@ import pandas as pd
 
 from stages.core import layout
 from stages.core.cli import run_stage
-from stages.core.data import LABEL
-from stages.core.finetuning import adapt, few_shot_options, sample_shots
+from stages.core.finetuning import fine_tune, sample_shots
 from stages.core.io import write_csv, write_json
-from stages.core.model import encode, load_model, save_model
+from stages.core.model import load_model, save_model
 from stages.core.params import load_params
 from stages.core.tracking import stage_run
-from stages.core.training import fit, fit_summary, history_rows
+from stages.core.training import fit_summary, history_rows
 
 
 def main() -> None:
@@ -28,14 +27,9 @@ def main() -> None:
             params.finetune.seed,
         )
         val = pd.read_parquet(layout.split_path("target", "val"))
-        classes = sorted(shots[LABEL].unique().tolist())
-        config = base_config.replace(
-            classes=classes,
-            trained_on={"domain": params.data.target_domain, "rows": len(shots)},
+        model, config, result = fine_tune(
+            base, base_config, shots, val, params, params.finetune.seed, run.log_epoch
         )
-        model = adapt(base, len(classes), params.finetune.strategy, params.finetune.seed)
-        options = few_shot_options(params)
-        result = fit(model, encode(shots, config), encode(val, config), options, run.log_epoch)
         save_model(layout.FINETUNED_MODEL, model, config)
         summary = fit_summary(result) | {
             "shots": len(shots),

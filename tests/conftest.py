@@ -19,12 +19,8 @@ import torch
 
 from stages.core.model import Classifier, ModelConfig, fit_scaling
 from stages.core.params import Params, parse_params
+from stages.core.telemetry import QUIET_ENV
 
-QUIET_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "GX_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-}
 # Before any test imports MLflow or Great Expectations, which may read these at import time.
 os.environ.update(QUIET_ENV)
 

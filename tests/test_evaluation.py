@@ -12,10 +12,12 @@ from conftest import make_blobs, make_config, state_copy, states_equal
 
 from stages.core.evaluation import (
     classical_baseline,
+    compare_on_draws,
     failed_gates,
     predictions,
     render_report,
     scores,
+    summarize_draws,
     train_scratch,
 )
 from stages.core.model import Classifier, ModelConfig
@@ -39,6 +41,9 @@ def _metrics(base=0.95, finetuned=0.9, scratch=0.8, zero_shot=True) -> dict:
         "scratch": {"accuracy": scratch, "f1_macro": scratch - 0.01},
         "sklearn": {"accuracy": 0.85, "f1_macro": 0.84},
         "transfer_gain": round(finetuned - scratch, 6),
+        "transfer": summarize_draws(
+            [{"finetuned": {"accuracy": finetuned}, "scratch": {"accuracy": scratch}}]
+        ),
     }
     if zero_shot:
         metrics["zero_shot"] = {"accuracy": 0.01, "f1_macro": 0.02}
@@ -143,7 +148,28 @@ def test_base_accuracy_gate() -> None:
 
 def test_transfer_gain_gate() -> None:
     failures = failed_gates(_metrics(finetuned=0.8, scratch=0.82), EvaluateParams())
-    assert failures == ["evaluate.min_transfer_gain: finetuned - scratch accuracy -0.0200 < 0.03"]
+    assert failures == [
+        "evaluate.min_transfer_gain: finetuned - scratch accuracy, mean over 1 draws, "
+        "-0.0200 < 0.03"
+    ]
+
+
+def test_transfer_gate_reads_the_mean_over_draws() -> None:
+    draws = [
+        {"finetuned": {"accuracy": 0.90}, "scratch": {"accuracy": 0.89}},  # one unlucky draw
+        {"finetuned": {"accuracy": 0.92}, "scratch": {"accuracy": 0.80}},
+    ]
+    summary = summarize_draws(draws)
+    assert summary == {
+        "draws": 2,
+        "finetuned_mean": 0.91,
+        "scratch_mean": 0.845,
+        "gain_mean": 0.065,
+        "gain_min": 0.01,
+    }
+    metrics = _metrics(finetuned=0.90, scratch=0.89) | {"transfer": summary}
+    assert failed_gates(metrics, EvaluateParams(min_transfer_gain=0.03)) == []
+    assert len(failed_gates(metrics, EvaluateParams(min_transfer_gain=0.07))) == 1
 
 
 def test_both_gates_fail() -> None:
@@ -165,7 +191,11 @@ def test_render_report_passed() -> None:
     assert f"| zero_shot | base model, no adaptation | {target} | 0.0100 | 0.0200 |" in lines
     sklearn = f"| sklearn | logistic regression on the same shots | {target} |"
     assert f"{sklearn} 0.8500 | 0.8400 |" in lines
-    assert "Transfer gain (finetuned - scratch): +0.1000" in lines
+    assert "Transfer gain (finetuned - scratch, same shots): +0.1000" in lines
+    assert (
+        "Over 1 draws of the shots: fine-tuned 0.9000, scratch 0.8000, gain +0.1000 "
+        "(worst draw +0.1000)." in lines
+    )
     assert lines[-1] == "Gates: all passed."
     assert report.endswith("\n")
     assert render_report(_metrics(), 5, []) == report
@@ -179,3 +209,44 @@ def test_render_report_failed_and_missing_rows() -> None:
     scratch = "| scratch | same net from scratch on the 1 shots | target-domain test |"
     assert f"{scratch} 0.8000 | 0.7900 |" in lines
     assert lines[-3:] == ["Gates failed:", "- evaluate.min_transfer_gain: too small", "- another"]
+
+
+def test_compare_on_draws_scores_the_shipped_model_then_retrains() -> None:
+    from conftest import make_model
+
+    from stages.core.finetuning import fine_tune, sample_shots
+    from stages.core.params import parse_params
+    from stages.core.training import fit
+
+    params = parse_params(
+        {
+            "finetune": {"epochs": 15, "shots_per_class": 3, "seed": 7},
+            "evaluate": {"draws": 3},
+            "model": {"scaling": "per_feature"},
+            "train": {"device": "cpu"},
+        }
+    )
+    base_train = _frame(20, seed=1)
+    base_config = make_config(base_train[FEATURES].to_numpy()).replace(feature_names=FEATURES)
+    base = make_model(base_config)
+    options = FitOptions(epochs=20, batch_size=16, lr=0.01, seed=0, device="cpu")
+    fit(base, _tensors(base_train, base_config), _tensors(_frame(5, 2), base_config), options)
+    target = {"train": _frame(10, seed=5), "val": _frame(3, seed=6), "test": _frame(10, seed=8)}
+    shots = sample_shots(target["train"], 3, 7)
+    shipped, shipped_config, _ = fine_tune(base, base_config, shots, target["val"], params, 7)
+
+    draws = compare_on_draws(base, base_config, (shipped, shipped_config), target, params)
+
+    assert [d["seed"] for d in draws] == [7, 8, 9]
+    assert draws[0]["finetuned"] == scores(predictions(shipped, shipped_config, target["test"]))
+    for draw in draws:
+        for key in ("finetuned", "scratch"):
+            assert 0 <= draw[key]["accuracy"] <= 1
+    again = compare_on_draws(base, base_config, (shipped, shipped_config), target, params)
+    assert again == draws  # seeded: the same draws and scores
+
+
+def _tensors(frame: pd.DataFrame, config: ModelConfig):
+    from stages.core.model import encode
+
+    return encode(frame, config)

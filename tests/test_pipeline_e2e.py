@@ -19,7 +19,7 @@ STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
 SMALL_PARAMS = {
     "train": {"epochs": 8, "patience": None},
     "finetune": {"epochs": 30},
-    "evaluate": {"min_base_accuracy": 0.5, "min_transfer_gain": -1.0},
+    "evaluate": {"min_base_accuracy": 0.5, "min_transfer_gain": -1.0, "draws": 2},
 }
 
 pytestmark = pytest.mark.e2e
@@ -105,6 +105,7 @@ def test_cold_repro_writes_every_output(repo):
         assert 0 <= metrics[key]["accuracy"] <= 1
     assert metrics["base"]["accuracy"] > 0.8  # 8 epochs already learn the base domain
     assert metrics["zero_shot"]["accuracy"] < 0.5  # the inverted domain is a real shift
+    assert metrics["transfer"]["draws"] == 2
 
 
 def test_second_repro_runs_nothing(repo, env):

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pandas as pd
 import torch
 
 from stages.core.data import LABEL, plain
 from stages.core.errors import DataError
-from stages.core.model import Classifier
+from stages.core.model import Classifier, ModelConfig, encode
 from stages.core.params import Params
-from stages.core.training import FitOptions
+from stages.core.training import EpochStats, FitOptions, FitResult, fit
 
 
 def sample_shots(frame: pd.DataFrame, shots_per_class: int, seed: int) -> pd.DataFrame:
@@ -41,7 +42,7 @@ def adapt(base: Classifier, n_classes: int, strategy: str, seed: int) -> Classif
     return model
 
 
-def few_shot_options(params: Params) -> FitOptions:
+def few_shot_options(params: Params, seed: int | None = None) -> FitOptions:
     """Training options for the few-shot runs (fine-tune and the scratch baseline): fixed
     epochs, no early stopping, since selecting on the val split would use more labels."""
     tune = params.finetune
@@ -50,9 +51,30 @@ def few_shot_options(params: Params) -> FitOptions:
         batch_size=tune.batch_size,
         lr=tune.lr,
         weight_decay=tune.weight_decay,
-        seed=tune.seed,
+        seed=tune.seed if seed is None else seed,
         patience=None,
         device=params.train.device,
         precision=params.train.precision,
         cpu_threads=params.train.cpu_threads,
     )
+
+
+def fine_tune(
+    base: Classifier,
+    base_config: ModelConfig,
+    shots: pd.DataFrame,
+    val: pd.DataFrame,
+    params: Params,
+    seed: int,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> tuple[Classifier, ModelConfig, FitResult]:
+    """The fine-tune recipe: a new head over the shots' classes, ``finetune.strategy``,
+    trained on ``shots`` with the few-shot options and ``seed``."""
+    classes = sorted(shots[LABEL].unique().tolist())
+    config = base_config.replace(
+        classes=classes, trained_on={"domain": params.data.target_domain, "rows": len(shots)}
+    )
+    model = adapt(base, len(classes), params.finetune.strategy, seed)
+    options = few_shot_options(params, seed)
+    result = fit(model, encode(shots, config), encode(val, config), options, on_epoch)
+    return model, config, result

@@ -100,6 +100,7 @@ class FinetuneParams(_Section):
 class EvaluateParams(_Section):
     min_base_accuracy: float = Field(0.93, ge=0, le=1)
     min_transfer_gain: float = Field(0.03, ge=-1, le=1)
+    draws: int = Field(5, ge=1)
 
 
 class TrackingParams(_Section):

@@ -9,14 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# No phoning home from any library the pipeline imports.
-QUIET_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "GX_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-}
-for _key, _value in QUIET_ENV.items():
-    os.environ.setdefault(_key, _value)
+from stages.core.telemetry import silence
+
+silence()
 
 
 def repo_root() -> Path:
