@@ -9,6 +9,7 @@ import pandas as pd
 
 from stages.core.data import DOMAIN, LABEL, plain
 from stages.core.errors import DataError
+from stages.core.layout import RAW, REJECTED
 from stages.core.params import ValidateParams
 from stages.core.telemetry import silence
 
@@ -85,7 +86,7 @@ def quarantine_rows(frame: pd.DataFrame, result) -> tuple[pd.DataFrame, pd.DataF
         if item.expectation_config.type == "expect_column_to_exist" and not item.success
     ]
     if missing:
-        raise DataError(f"missing columns {missing}")
+        raise DataError(f"{RAW}: missing columns {missing} (data.features, label, domain)")
     reasons: dict[int, list[str]] = {}
     failed_rows: dict[str, set[int]] = {name: set() for name in ROW_CHECKS.values()}
     for item in result.results:
@@ -140,7 +141,7 @@ def gate(
         failures.append(
             f"validate.max_quarantine_fraction: {len(rejected)} of {rows_in} rows "
             f"({fraction:.1%}) quarantined, more than {params.max_quarantine_fraction:.1%}; "
-            "see data/quarantine/rejected.parquet"
+            f"see {REJECTED}"
         )
     short = short_classes(clean, params.min_rows_per_class, domains)
     if not short.empty:

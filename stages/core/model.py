@@ -6,9 +6,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
+from stages.core.data import LABEL
+from stages.core.errors import DataError
 from stages.core.io import read_json, write_atomic, write_json
 
 WEIGHTS_FILE = "model.safetensors"
@@ -106,11 +109,8 @@ def load_model(directory: Path | str) -> tuple[Classifier, ModelConfig]:
     return model, config
 
 
-def encode(frame, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(frame: pd.DataFrame, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature rows and class indices of a split, in the model's feature and class order."""
-    from stages.core.data import LABEL
-    from stages.core.errors import DataError
-
     index = {label: i for i, label in enumerate(config.classes)}
     unknown = sorted(set(frame[LABEL]) - set(index), key=str)
     if unknown:
