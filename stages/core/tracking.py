@@ -79,7 +79,6 @@ class StageRun:
     """What a stage logs: params once, metrics per epoch or at the end, artifacts."""
 
     def __init__(self, run):
-        self.run = run
         self.id = run.info.run_id
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
