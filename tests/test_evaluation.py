@@ -27,9 +27,12 @@ from stages.core.training import FitOptions
 FEATURES = ["f0", "f1", "f2", "f3"]
 
 
-def _frame(n_per_class: int, seed: int, labels=(0, 1, 2)) -> pd.DataFrame:
+def _frame(n_per_class: int, seed: int, labels=(0, 1, 2), noise: float = 0.0) -> pd.DataFrame:
     x, y = make_blobs(n_per_class, seed=seed)
-    frame = pd.DataFrame(x.numpy().astype(np.float64), columns=FEATURES)
+    x = x.numpy().astype(np.float64)
+    # Extra noise makes the classes overlap, so that scores depend on which rows trained.
+    x += np.random.default_rng(seed).normal(0, noise, size=x.shape) if noise else 0
+    frame = pd.DataFrame(x, columns=FEATURES)
     frame["label"] = [labels[i] for i in y.tolist()]
     return frame
 
@@ -214,7 +217,7 @@ def test_render_report_failed_and_missing_rows() -> None:
 def test_compare_on_draws_scores_the_shipped_model_then_retrains() -> None:
     from conftest import make_model
 
-    from stages.core.finetuning import fine_tune, sample_shots
+    from stages.core.finetuning import few_shot_options, fine_tune, sample_shots
     from stages.core.params import parse_params
     from stages.core.training import fit
 
@@ -231,7 +234,11 @@ def test_compare_on_draws_scores_the_shipped_model_then_retrains() -> None:
     base = make_model(base_config)
     options = FitOptions(epochs=20, batch_size=16, lr=0.01, seed=0, device="cpu")
     fit(base, _tensors(base_train, base_config), _tensors(_frame(5, 2), base_config), options)
-    target = {"train": _frame(10, seed=5), "val": _frame(3, seed=6), "test": _frame(10, seed=8)}
+    target = {
+        "train": _frame(10, seed=5, noise=4.0),
+        "val": _frame(3, seed=6, noise=4.0),
+        "test": _frame(30, seed=8, noise=4.0),
+    }
     shots = sample_shots(target["train"], 3, 7)
     shipped, shipped_config, _ = fine_tune(base, base_config, shots, target["val"], params, 7)
 
@@ -239,9 +246,21 @@ def test_compare_on_draws_scores_the_shipped_model_then_retrains() -> None:
 
     assert [d["seed"] for d in draws] == [7, 8, 9]
     assert draws[0]["finetuned"] == scores(predictions(shipped, shipped_config, target["test"]))
-    for draw in draws:
-        for key in ("finetuned", "scratch"):
-            assert 0 <= draw[key]["accuracy"] <= 1
+    # Each draw samples its own shots: fine-tune and scratch of draw i both train on the shots of
+    # seed 7 + i, and no two draws share the same shots.
+    drawn = [sample_shots(target["train"], 3, seed) for seed in (7, 8, 9)]
+    as_rows = [set(map(tuple, d[FEATURES].to_numpy().round(6).tolist())) for d in drawn]
+    assert as_rows[0] != as_rows[1] and as_rows[1] != as_rows[2] and as_rows[0] != as_rows[2]
+    for seed, shots_i, draw in zip((7, 8, 9), drawn, draws, strict=True):
+        scratch, scratch_config = train_scratch(
+            shots_i, target["val"], shipped_config, "per_feature", few_shot_options(params, seed)
+        )
+        assert draw["scratch"] == scores(predictions(scratch, scratch_config, target["test"]))
+        if seed != 7:
+            tuned, tuned_config, _ = fine_tune(
+                base, base_config, shots_i, target["val"], params, seed
+            )
+            assert draw["finetuned"] == scores(predictions(tuned, tuned_config, target["test"]))
     again = compare_on_draws(base, base_config, (shipped, shipped_config), target, params)
     assert again == draws  # seeded: the same draws and scores
 

@@ -74,10 +74,15 @@ def test_classifier_layers(config: ModelConfig) -> None:
 
 
 def test_classifier_standardises_its_input(config: ModelConfig) -> None:
-    model = make_model(config)
-    x = torch.randn(6, 4)
-    manual = model.head(model.body((x - torch.tensor(config.mean)) / torch.tensor(config.std)))
-    torch.testing.assert_close(model(x), manual)
+    """A model scaled with mean m and std s, fed x, equals the same weights with no scaling
+    fed (x - m) / s, worked out here by hand."""
+    scaled = make_model(config.replace(mean=[1.0, 2.0, -1.0, 0.0], std=[2.0, 4.0, 0.5, 1.0]))
+    unscaled = Classifier(config.replace(mean=[0.0] * 4, std=[1.0] * 4))
+    unscaled.load_state_dict(scaled.state_dict())
+    raw = torch.tensor([[3.0, 10.0, 0.0, 5.0], [1.0, 2.0, -1.0, 0.0]])
+    by_hand = torch.tensor([[1.0, 2.0, 2.0, 5.0], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(scaled(raw), unscaled(by_hand))
+    assert not torch.allclose(scaled(raw), unscaled(raw))
 
 
 def test_config_replace_returns_a_new_config(config: ModelConfig) -> None:

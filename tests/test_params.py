@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pydantic
 import pytest
+import yaml
 from conftest import REPO_ROOT
 
-from stages.core.errors import ParamsError, PipelineError
+from stages.core.cli import run_stage
+from stages.core.errors import ParamsError
 from stages.core.params import Params, load_params, parse_params
 from stages.core.training import FitOptions
 
@@ -130,13 +132,27 @@ def test_error_names_the_file_it_came_from() -> None:
     assert _error({"train": {"lrr": 1}}, "conf/exp.yaml").startswith("conf/exp.yaml: ")
 
 
-def test_params_error_is_a_pipeline_error() -> None:
-    assert issubclass(ParamsError, PipelineError)
+def test_params_error_stops_a_stage_in_one_line(capsys) -> None:
+    def main() -> None:
+        parse_params({"train": {"lr": -1}})
+
+    with pytest.raises(SystemExit) as caught:
+        run_stage("train", main)
+    assert caught.value.code == 1
+    assert capsys.readouterr().err == (
+        "train: error: params.yaml: train.lr: Input should be greater than 0 (got -1)\n"
+    )
 
 
-def test_repo_params_yaml_is_valid() -> None:
+def test_repo_params_yaml_is_read_key_for_key() -> None:
+    """Every value written in the repo's params.yaml is the value the stages get."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params = load_params(REPO_ROOT / "params.yaml")
-    assert isinstance(params, Params)
+    for name, section in raw.items():
+        loaded = params.section(name)
+        for key, value in section.items():
+            expected = list(value) if isinstance(value, tuple) else value
+            assert loaded[key] == expected, f"{name}.{key}"
 
 
 def test_load_params_reads_yaml(tmp_path: Path) -> None:

@@ -110,10 +110,23 @@ def test_model_is_left_on_the_cpu(model, blobs) -> None:
     assert model.mean.device.type == "cpu"
 
 
-def test_bf16_autocast_on_cpu(model, blobs) -> None:
-    result = fit(model, *blobs, _options(epochs=3, precision="bf16"))
-    assert all(math.isfinite(s.train_loss) and math.isfinite(s.val_loss) for s in result.history)
-    assert next(model.parameters()).dtype == torch.float32
+def test_bf16_autocast_on_cpu(blobs) -> None:
+    """precision=bf16 runs the forward pass in bf16 (weights stay fp32): the layers' outputs
+    are bf16 during training, and the numbers differ from an fp32 run of the same seed."""
+    (x, _), _ = blobs
+    seen: dict[str, set] = {"bf16": set(), "fp32": set()}
+    histories = {}
+    for precision in seen:
+        model = make_model(make_config(x), seed=0)
+        linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        linear.register_forward_hook(lambda _m, _i, out, p=precision: seen[p].add(out.dtype))
+        result = fit(model, *blobs, _options(epochs=3, precision=precision))
+        histories[precision] = [s.train_loss for s in result.history]
+        assert next(model.parameters()).dtype == torch.float32
+    assert seen == {"bf16": {torch.bfloat16}, "fp32": {torch.float32}}
+    assert histories["bf16"] != histories["fp32"]
+    assert histories["bf16"] == pytest.approx(histories["fp32"], rel=0.05)
+    assert all(math.isfinite(loss) for loss in histories["bf16"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
