@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from stages.core.model import Classifier, ModelConfig, fit_scaling
 from stages.core.params import Params, parse_params
@@ -162,3 +165,90 @@ def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- End-to-end: the real `dvc` on a temporary git repo holding a copy of the project ---------
+
+PIPELINE_STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "data/source", ".dvcignore"]
+PROJECT_FILES += [".dvc/config", ".gitignore"]
+# The local MLflow store records absolute artifact paths, and DVC's tmp holds locks and queue
+# state: a copy of a repo starts without them, so that it never writes into the original.
+NOT_COPIED = ("mlflow.db", ".mlflow.db.lock", "mlartifacts", "tmp", "__pycache__")
+GIT_ID = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+COMMAND_TIMEOUT = 600  # seconds; a hung `dvc` fails its test instead of waiting for CI's limit
+
+
+def run_command(
+    cmd: list[str], cwd: Path, env: dict, check: bool = True, timeout: float = COMMAND_TIMEOUT
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with a timeout; with ``check``, fail the test showing its output."""
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def ran_stages(output: str) -> list[str]:
+    """The stages a `dvc repro` / `dvc exp run` output says it ran, in pipeline order."""
+    return [s for s in PIPELINE_STAGES if f"Running stage '{s}'" in output]
+
+
+def commit_all(repo: Path, env: dict, message: str) -> None:
+    run_command(["git", "add", "-A"], repo, env)
+    run_command(["git", *GIT_ID, "commit", "-qm", message, "--allow-empty"], repo, env)
+
+
+def set_params(repo: Path, **sections: dict) -> None:
+    """Update sections of the repo's params.yaml (``set_params(repo, train={"epochs": 3})``)."""
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        params[section] = params.get(section, {}) | values
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def pipeline_env() -> dict:
+    """The environment of a user's shell: the project's venv first on PATH (so that `python`
+    in dvc.yaml is this interpreter), telemetry off, no MLflow or DVC variables of ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env | QUIET_ENV
+
+
+def copy_project(source: Path, target: Path, files: list[str] | None = None) -> Path:
+    """Copy ``files`` (default: a whole repo made by these fixtures) from ``source``."""
+    ignore = shutil.ignore_patterns(*NOT_COPIED)
+    for name in files if files is not None else os.listdir(source):
+        src, dst = source / name, target / name
+        if name in NOT_COPIED:
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=ignore, symlinks=True)
+        else:
+            shutil.copy2(src, dst)
+    return target
+
+
+@pytest.fixture(scope="session")
+def pristine_repo(tmp_path_factory, pipeline_env: dict) -> Path:
+    """A git repo with the project's code and default params after one cold `dvc repro`, its
+    outputs committed. Shared by the session: tests read it; tests that change anything work on
+    ``pipeline_repo``, a private copy."""
+    repo = copy_project(REPO_ROOT, tmp_path_factory.mktemp("pristine"), PROJECT_FILES)
+    run_command(["git", "init", "-q", "-b", "main"], repo, pipeline_env)
+    commit_all(repo, pipeline_env, "project")
+    cold = run_command(["dvc", "repro"], repo, pipeline_env)
+    assert ran_stages(cold.stdout) == PIPELINE_STAGES, cold.stdout
+    (repo / "cold_repro.log").write_text(cold.stdout)
+    commit_all(repo, pipeline_env, "outputs")
+    return repo
+
+
+@pytest.fixture
+def pipeline_repo(pristine_repo: Path, tmp_path: Path) -> Path:
+    """A private copy of ``pristine_repo`` (git history, DVC cache and outputs, no MLflow
+    store) that the test may change at will."""
+    return copy_project(pristine_repo, tmp_path / "repo")
