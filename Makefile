@@ -9,14 +9,18 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup pipeline test lint format lock clean
+# PyTorch's CPU wheel index, for machines where PyPI's torch is the several-GB CUDA build
+# (GitHub's runners): `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
+
+.PHONY: setup pipeline test test-fast lint lint-workflows stale hooks format lock clean
 
 setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, on its own pin: a range alone could pull a several-GB CUDA build.
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "torch==$$(sed -n 's/^torch==\([^ ]*\).*/\1/p' requirements.lock)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$$(sed -n 's/^torch==\([^ ]*\).*/\1/p' requirements.lock)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	touch $(STAMP)
 
@@ -26,8 +30,26 @@ pipeline: setup
 test: setup
 	$(BIN)/python -m pytest
 
-lint: setup
+# The unit tests only (no real `dvc` runs): seconds, for the edit-test loop.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not e2e"
+
+lint: setup lint-workflows stale
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# The GitHub workflows against their JSON schema, and zizmor's offline security audit: any
+# finding above low fails, but unpinned actions (.github/zizmor.yml says why).
+lint-workflows: setup
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	$(BIN)/zizmor --offline --min-severity medium .github/workflows
+
+# Does the committed dvc.lock match the code and params? (no stage would run)
+stale: setup
+	.ci/stale-pipeline
+
+# Every pre-commit hook on every file.
+hooks: setup
+	$(BIN)/pre-commit run --all-files
 
 format: setup
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .

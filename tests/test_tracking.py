@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import TEST_EXPERIMENT
 
-from stages.core.errors import DataError
+from stages.core.errors import DataError, TrackingError
 from stages.core.tracking import (
     ensure_experiment,
     flatten,
@@ -129,22 +129,27 @@ def test_log_metrics_keeps_numpy_numbers(mlflow_client) -> None:
 
 
 def test_log_epoch_logs_each_epoch_in_one_call(monkeypatch, mlflow_client) -> None:
-    import mlflow
+    from mlflow import MlflowClient
 
     calls = []
-    real = mlflow.log_metrics
+    real = MlflowClient.log_batch
 
-    def spy(metrics, *args, **kwargs):
-        calls.append((dict(metrics), kwargs.get("step")))
-        return real(metrics, *args, **kwargs)
+    def spy(self, run_id, metrics=(), **kwargs):
+        calls.append([(m.key, m.value, m.step) for m in metrics])
+        return real(self, run_id, metrics=metrics, **kwargs)
 
-    monkeypatch.setattr(mlflow, "log_metrics", spy)
+    monkeypatch.setattr(MlflowClient, "log_batch", spy)
     history = [EpochStats(e, 1.0 / e, 2.0 / e, 0.5 + e / 10) for e in (1, 2, 3)]
     with stage_run("train", TEST_EXPERIMENT, {}) as run:
+        calls.clear()  # the params
         for stats in history:
             run.log_epoch(stats)
-    assert [step for _, step in calls] == [1, 2, 3]
-    assert calls[0][0] == {"train_loss": 1.0, "val_loss": 2.0, "val_accuracy": 0.6}
+    assert [sorted({step for *_, step in call}) for call in calls] == [[1], [2], [3]]
+    assert sorted(calls[0]) == [
+        ("train_loss", 1.0, 1),
+        ("val_accuracy", 0.6, 1),
+        ("val_loss", 2.0, 1),
+    ]
     val_loss = mlflow_client.get_metric_history(run.id, "val_loss")
     assert [(m.step, m.value) for m in val_loss] == [(1, 2.0), (2, 1.0), (3, 2.0 / 3)]
     assert "epoch" not in mlflow_client.get_run(run.id).data.metrics
@@ -212,3 +217,98 @@ def test_every_new_experiment_keeps_artifacts_beside_the_local_store(
     ensure_experiment(f"local-{uuid.uuid4().hex[:8]}")
     second = mlflow_client.get_experiment(ensure_experiment(f"local-{uuid.uuid4().hex[:8]}"))
     assert second.artifact_location == (mlflow_dir.resolve() / "mlartifacts").as_uri()
+
+
+# --- The background worker: what a fresh stage process uses ------------------------------------
+
+
+def test_worker_records_what_inline_logging_records(tmp_path: Path, mlflow_client) -> None:
+    plot = tmp_path / "train.csv"
+    plot.write_text("epoch,loss\n1,0.5\n")
+    history = [EpochStats(e, 1.0 / e, 2.0 / e, 0.5 + e / 10) for e in range(1, 31)]
+    runs = {}
+    for background in (True, False):
+        with stage_run("train", TEST_EXPERIMENT, SECTIONS, background=background) as run:
+            for stats in history:
+                run.log_epoch(stats)
+            run.log_metrics({"best": {"val_accuracy": 0.9}, "note": "text"})
+            run.log_artifacts(plot)
+        runs[background] = mlflow_client.get_run(run.id)
+    worker, inline = runs[True], runs[False]
+    assert worker.info.run_id != inline.info.run_id
+    assert (
+        worker.data.params
+        == inline.data.params
+        == {
+            "train.lr": "0.01",
+            "train.epochs": "3",
+            "train.patience": "null",
+            "train.device": "auto",
+            "model.hidden": "[128, 64]",
+            "model.dropout": "0.0",
+        }
+    )
+    assert worker.data.metrics == inline.data.metrics
+    assert worker.data.metrics["best.val_accuracy"] == 0.9
+    assert worker.info.status == "FINISHED"
+    steps = mlflow_client.get_metric_history(worker.info.run_id, "val_loss")
+    assert [(m.step, m.value) for m in steps] == [(s.epoch, s.val_loss) for s in history]
+    assert [a.path for a in mlflow_client.list_artifacts(worker.info.run_id)] == ["train.csv"]
+
+
+def test_worker_marks_a_failed_stage_failed(mlflow_client) -> None:
+    with (
+        pytest.raises(DataError, match="bad rows"),
+        stage_run("validate", TEST_EXPERIMENT, {}, background=True) as run,
+    ):
+        run_id = run.id
+        raise DataError("bad rows")
+    assert mlflow_client.get_run(run_id).info.status == "FAILED"
+
+
+def test_worker_marks_the_run_killed_when_the_stage_dies(mlflow_uri: str, mlflow_client) -> None:
+    """SIGKILL of the stage: the worker sees its pipe close and ends the run as KILLED."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_ROOT
+
+    script = (
+        "import os, signal\n"
+        "from stages.core.tracking import stage_run\n"
+        f"with stage_run('train', {TEST_EXPERIMENT!r}, {{}}, background=True) as run:\n"
+        "    print(run.id, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow_uri, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == -signal.SIGKILL
+    run_id = done.stdout.strip()
+    deadline = time.monotonic() + 60
+    while mlflow_client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert mlflow_client.get_run(run_id).info.status == "KILLED"
+
+
+def test_unreachable_server_is_one_line_naming_it(monkeypatch) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with (
+        pytest.raises(TrackingError) as caught,
+        stage_run("ingest", "nowhere", {}, background=True) as run,
+    ):
+        run.log_metrics({"rows": 1})
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"tracking: {uri}: ")
+    assert "unset MLFLOW_TRACKING_URI" in message

@@ -15,3 +15,7 @@ class DataError(PipelineError):
 
 class GateError(PipelineError):
     """A quality gate failed (quarantine share, accuracy, transfer gain)."""
+
+
+class TrackingError(PipelineError):
+    """The tracking store or server cannot record the run (down, unreachable, refused)."""
