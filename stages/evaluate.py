@@ -20,6 +20,7 @@ from stages.core.finetuning import sample_shots
 from stages.core.io import write_csv, write_json, write_text
 from stages.core.model import load_model
 from stages.core.params import load_params
+from stages.core.registry import register
 from stages.core.splitting import PARTS
 from stages.core.tracking import stage_run
 
@@ -29,6 +30,8 @@ def main() -> None:
     sections = {key: params.section(key) for key in ("evaluate", "finetune", "model")}
     with stage_run("evaluate", params.tracking.experiment, sections) as run:
         base_test = pd.read_parquet(layout.split_path("base", "test"))
+        for role in ("base", "target"):
+            run.log_dataset(layout.split_path(role, "test"), "test")
         target = {part: pd.read_parquet(layout.split_path("target", part)) for part in PARTS}
         base, base_config = load_model(layout.BASE_MODEL)
         tuned, tuned_config = load_model(layout.FINETUNED_MODEL)
@@ -52,9 +55,21 @@ def main() -> None:
         write_csv(layout.CONFUSION_PLOT, tuned_pairs)
         report = render_report(metrics, params.finetune.shots_per_class, failures)
         write_text(layout.EVALUATION_REPORT, report)
-        run.log_metrics(metrics)
-        run.log_artifacts(layout.EVALUATION_REPORT, layout.CONFUSION_PLOT)
+        run.log_metrics(metrics, parent=True)
+        run.log_artifacts(layout.EVALUATION_REPORT, parent=True)
+        run.log_artifacts(layout.CONFUSION_PLOT)
+        run.log_artifacts("dvc.lock", parent=True)  # as of this stage's start
         print(report)
+        registered = run.call(
+            register,
+            layout.FINETUNED_MODEL,
+            layout.split_path("target", "test"),
+            params.tracking.registered_model,
+            metrics["finetuned"]["accuracy"],
+            failures,
+        )
+        if registered:
+            print(f"evaluate: {registered}")
         if failures:
             raise GateError(failures[0])
 

@@ -1,14 +1,17 @@
 """Stage finetune: adapt the base model to the target domain from a few labelled examples
 per class -> models/finetuned/, metrics/finetune.json, plots/finetune.csv."""
 
+import time
+
 import pandas as pd
 
 from stages.core import layout
 from stages.core.cli import run_stage
 from stages.core.finetuning import fine_tune, sample_shots
 from stages.core.io import write_csv, write_json
-from stages.core.model import load_model, save_model
+from stages.core.model import load_model, save_model, trainable_parameters
 from stages.core.params import load_params
+from stages.core.registry import log_model
 from stages.core.tracking import stage_run
 from stages.core.training import fit_summary, history_rows
 
@@ -20,7 +23,10 @@ def main() -> None:
         k: getattr(params.train, k) for k in ("device", "precision", "cpu_threads")
     }
     with stage_run("finetune", params.tracking.experiment, sections) as run:
+        started = time.perf_counter()
         base, base_config = load_model(layout.BASE_MODEL)
+        run.log_dataset(layout.split_path("target", "train"), "training")
+        run.log_dataset(layout.split_path("target", "val"), "validation")
         shots = sample_shots(
             pd.read_parquet(layout.split_path("target", "train")),
             params.finetune.shots_per_class,
@@ -33,12 +39,16 @@ def main() -> None:
         save_model(layout.FINETUNED_MODEL, model, config)
         summary = fit_summary(result) | {
             "shots": len(shots),
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "trainable_parameters": trainable_parameters(model),
         }
         write_json(layout.FINETUNE_METRICS, summary)
         write_csv(layout.FINETUNE_PLOT, pd.DataFrame(history_rows(result)))
-        run.log_metrics({f"final_{k}": v for k, v in summary.items()})
-        run.log_artifacts(layout.FINETUNED_MODEL, layout.FINETUNE_PLOT)
+        run.log_metrics(
+            {f"final_{k}": v for k, v in summary.items()}
+            | {"wall_time_s": time.perf_counter() - started}
+        )
+        run.log_artifacts(layout.FINETUNE_PLOT)
+        run.send(log_model, layout.FINETUNED_MODEL, layout.split_path("target", "val"))
     print(f"finetune: {len(shots)} shots, target val accuracy {summary['val_accuracy']:.3f}")
 
 

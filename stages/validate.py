@@ -25,7 +25,7 @@ def main() -> None:
         write_parquet(layout.REJECTED, result.rejected)
         write_json(layout.VALIDATION_REPORT, result.report)
         run.log_metrics(result.report)
-        run.log_artifacts(layout.VALIDATION_REPORT)
+        run.log_artifacts(layout.VALIDATION_REPORT, parent=True)
         report = result.report
         print(
             f"validate: {report['rows_clean']} clean, {report['rows_quarantined']} quarantined "

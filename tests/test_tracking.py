@@ -311,4 +311,4 @@ def test_unreachable_server_is_one_line_naming_it(monkeypatch) -> None:
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(f"tracking: {uri}: ")
-    assert "unset MLFLOW_TRACKING_URI" in message
+    assert "unset MLFLOW_TRACKING_URI" in message and "PIPELINE_TRACKING=off" in message

@@ -58,6 +58,11 @@ class Classifier(nn.Module):
         return self.head(self.body((x - self.mean) / self.std))
 
 
+def trainable_parameters(model: nn.Module) -> int:
+    """How many parameters the optimizer updates."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def fit_scaling(x: np.ndarray, mode: str) -> tuple[list[float], list[float]]:
     """Shift and scale for raw features, from training rows only.
 

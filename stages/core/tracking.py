@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -30,7 +31,9 @@ silence()
 # A tracking server that is down or silent stops a stage in about 12 s, not MLflow's default of
 # several minutes of retries: one retry, a 6 s timeout per attempt (users may override both).
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "6"}
-for _key, _value in HTTP_DEFAULTS.items():
+# No progress bars from artifact copies in the stage's log.
+QUIET_DEFAULTS = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+for _key, _value in (HTTP_DEFAULTS | QUIET_DEFAULTS).items():
     os.environ.setdefault(_key, _value)
 
 # How long a stage waits for the worker to finish logging after the stage's own work is done.
@@ -116,40 +119,118 @@ def _get_or_create_experiment(client, name: str, artifact_location: str | None) 
 
 class Recorder:
     """The MLflow side of one stage run. Runs in the worker process or inline; every public
-    method is an operation a StageRun can send."""
+    method is an operation a StageRun can send.
+
+    Inside a DVC execution the stage run is the child of one parent run per execution (see
+    stages.core.lineage.execution_key): the parent holds every param, the commit, the data md5s,
+    the final metrics, and for each stage the run that produced its outputs (``run.<stage>``
+    when it ran in this execution, ``cached.<stage>`` when DVC skipped it).
+    """
 
     def __init__(self) -> None:
         self.client = None
+        self.stage: str | None = None
+        self.experiment_id: str | None = None
         self.run_id: str | None = None
+        self.parent_id: str | None = None
+        self.fluent = False  # whether the run is also mlflow's active run (for log_model)
+        self._git: tuple[str | None, bool] | None = None
 
     def open(self, stage: str, experiment: str, params: dict[str, Any], run_id: str | None) -> None:
         """Start the stage's run (or continue run ``run_id``) and log its params."""
         from mlflow import MlflowClient
-        from mlflow.entities import Param
 
-        experiment_id = ensure_experiment(experiment)
+        from stages.core.lineage import execution_key
+
+        _quiet_mlflow()
+        self.experiment_id = ensure_experiment(experiment)
         self.client = MlflowClient(tracking_uri())
-        tags = {"stage": stage}
-        if os.environ.get("DVC_EXP_NAME"):
-            tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-        if run_id is None:
-            run = self.client.create_run(experiment_id, run_name=stage, tags=tags)
-            self.run_id = run.info.run_id
-            flat = [Param(k, param_value(v)) for k, v in flatten(params).items()]
-            for start in range(0, len(flat), 100):  # MLflow takes 100 params per call
-                self.client.log_batch(self.run_id, params=flat[start : start + 100])
-        else:
+        self.stage = stage
+        key = execution_key()
+        if key is not None:
+            self.parent_id = self._parent(key)
+        if run_id is not None:  # a resumed stage continues its run
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
+        else:
+            tags = {"stage": stage, **self.context_tags()}
+            if self.parent_id:
+                tags["mlflow.parentRunId"] = self.parent_id
+            run = self.client.create_run(self.experiment_id, run_name=stage, tags=tags)
+            self.run_id = run.info.run_id
+            self._log_params(self.run_id, params)
+        if self.parent_id:
+            self._tag_parent_at_open()
+
+    def context_tags(self) -> dict[str, str]:
+        """The commit (a DVC experiment's baseline), whether the code or params differ from it,
+        and the DVC experiment's name."""
+        from stages.core.lineage import experiment_baseline, git_state, stage_outputs
+
+        if self._git is None:
+            outputs = [p for s in _pipeline_stages() for p in stage_outputs(s)]
+            self._git = git_state(outputs)
+        commit, dirty = self._git
+        commit = experiment_baseline() or commit
+        tags = {"git.dirty": str(dirty).lower()}
+        if commit:
+            tags |= {"git.commit": commit, "mlflow.source.git.commit": commit}
+        if os.environ.get("DVC_EXP_NAME"):
+            tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+        return tags
+
+    def _parent(self, key: str) -> str:
+        """This execution's parent run, created by its first stage."""
+        from stages.core.params import load_params
+
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.`pipeline.execution` = '{key}'", max_results=1
+        )
+        if found:
+            return found[0].info.run_id
+        tags = self.context_tags()
+        name = f"{os.environ.get('DVC_EXP_NAME') or 'workspace'}@{tags.get('git.commit', '')[:7]}"
+        tags |= {"pipeline.execution": key, "pipeline.role": "parent"}
+        parent = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self._log_params(parent.info.run_id, load_params().model_dump(mode="json", by_alias=True))
+        if Path("params.yaml").is_file():
+            self.client.log_artifact(parent.info.run_id, "params.yaml")
+        return parent.info.run_id
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = [Param(k, param_value(v)) for k, v in flatten(params).items()]
+        for start in range(0, len(flat), 100):  # MLflow takes 100 params per call
+            self.client.log_batch(run_id, params=flat[start : start + 100])
+
+    def _tag_parent_at_open(self) -> None:
+        from stages.core.lineage import locked_data_inputs
+
+        self.client.update_run(self.parent_id, status="RUNNING")
+        self.client.set_tag(self.parent_id, f"run.{self.stage}", self.run_id)
+        if f"cached.{self.stage}" in self.client.get_run(self.parent_id).data.tags:
+            self.client.delete_tag(self.parent_id, f"cached.{self.stage}")
+        # The data inputs as dvc.lock records them: current for every stage DVC has run
+        # before this one in this execution.
+        for path, md5 in locked_data_inputs().items():
+            self.client.set_tag(self.parent_id, f"dvc.md5.{path}", md5)
 
     def current_run_id(self) -> str:
         return self.run_id
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None, timestamp: int) -> None:
+    def log_metrics(
+        self, metrics: dict[str, float], step: int | None, timestamp: int, parent: bool = False
+    ) -> None:
         self.log_metric_batches([(metrics, step, timestamp)])
+        if parent and self.parent_id:
+            self._log_metric_rows(self.parent_id, [(metrics, step, timestamp)])
 
     def log_metric_batches(self, batches: list[tuple[dict[str, float], int | None, int]]) -> None:
         """Log ``(metrics, step, timestamp_ms)`` batches in as few calls as MLflow allows."""
+        self._log_metric_rows(self.run_id, batches)
+
+    def _log_metric_rows(self, run_id: str, batches) -> None:
         from mlflow.entities import Metric
 
         rows = [
@@ -158,20 +239,112 @@ class Recorder:
             for key, value in metrics.items()
         ]
         for start in range(0, len(rows), MAX_METRICS_PER_CALL):
-            self.client.log_batch(self.run_id, metrics=rows[start : start + MAX_METRICS_PER_CALL])
+            self.client.log_batch(run_id, metrics=rows[start : start + MAX_METRICS_PER_CALL])
 
-    def log_artifacts(self, paths: list[str], folder: str | None) -> None:
-        for path in map(Path, paths):
-            if path.is_dir():
-                self.client.log_artifacts(self.run_id, str(path), folder or path.name)
-            elif path.exists():
-                self.client.log_artifact(self.run_id, str(path), folder)
+    def log_artifacts(self, paths: list[str], folder: str | None, parent: bool = False) -> None:
+        run_ids = [self.run_id] + ([self.parent_id] if parent and self.parent_id else [])
+        for run_id in run_ids:
+            for path in map(Path, paths):
+                if path.is_dir():
+                    self.client.log_artifacts(run_id, str(path), folder or path.name)
+                elif path.exists():
+                    self.client.log_artifact(run_id, str(path), folder)
+
+    def log_dataset(self, path: str, context: str, name: str) -> None:
+        """Record a parquet split the stage read as a dataset input, with DVC's md5 as its
+        digest (MLflow's own digest hashes only the first 10,000 rows)."""
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+
+        from stages.core.lineage import dvc_md5
+
+        frame = pd.read_parquet(path)
+        with warnings.catch_warnings():
+            # MLflow hints that integer labels cannot hold missing values (ours never do),
+            # and that a local path could be one of two kinds of source (it is a file).
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(
+                frame, source=path, name=name, targets="label", digest=dvc_md5(path)
+            )._to_mlflow_entity()
+        dataset_input = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+        self.client.log_inputs(self.run_id, datasets=[dataset_input])
+
+    def run_operation(self, operation, *args: Any) -> Any:
+        """Run ``operation(self, *args)``: a module-level function of another core module (such
+        as stages.core.registry), which the stage names and this process imports."""
+        return operation(self, *args)
+
+    def activate(self) -> None:
+        """Make the stage's run mlflow's active run, for APIs that log to the active run."""
+        import mlflow
+
+        if not self.fluent:
+            mlflow.set_tracking_uri(tracking_uri())
+            mlflow.start_run(run_id=self.run_id)
+            self.fluent = True
+
+    def parent_tags(self) -> dict[str, str]:
+        """The parent run's tags (empty outside a DVC execution)."""
+        return self.client.get_run(self.parent_id).data.tags if self.parent_id else {}
 
     def close(self, status: str) -> str | None:
-        """End the run with ``status``; returns its id."""
-        if self.run_id is not None:
+        """End the run with ``status``; record its outputs' md5s and, on the parent, which
+        run produced each stage's outputs. Returns the run id."""
+        if self.run_id is None:
+            return None
+        if status == "FINISHED":
+            self._tag_outputs()
+        if self.parent_id:
+            self._tag_lineage()
+            self.client.set_terminated(self.parent_id, status)
+        if self.fluent:
+            import mlflow
+
+            mlflow.end_run(status)
+        else:
             self.client.set_terminated(self.run_id, status)
         return self.run_id
+
+    def _tag_outputs(self) -> None:
+        from stages.core.lineage import dvc_md5, stage_outputs
+
+        for path in stage_outputs(self.stage):
+            if Path(path).exists():
+                self.client.set_tag(self.run_id, f"dvc.out.{path}", dvc_md5(path))
+
+    def _tag_lineage(self) -> None:
+        """For each stage DVC did not run in this execution, the earlier run that produced the
+        outputs dvc.lock records for it, found by their md5 (``cached.<stage>``)."""
+        from stages.core.lineage import locked_outputs
+
+        tags = self.client.get_run(self.parent_id).data.tags
+        for stage, outputs in locked_outputs().items():
+            if f"run.{stage}" in tags or not outputs:
+                continue
+            path, md5 = next(iter(outputs.items()))
+            found = self.client.search_runs(
+                [self.experiment_id],
+                f"tags.stage = '{stage}' and tags.`dvc.out.{path}` = '{md5}' "
+                "and attributes.status = 'FINISHED'",
+                max_results=1,
+                order_by=["attributes.start_time DESC"],
+            )
+            producer = found[0].info.run_id if found else "unknown"
+            self.client.set_tag(self.parent_id, f"cached.{stage}", producer)
+
+
+def _quiet_mlflow() -> None:
+    """MLflow's info lines and hints are not for a pipeline's log; its warnings stay."""
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def _pipeline_stages() -> list[str]:
+    from stages.core.lineage import pipeline_stages
+
+    return pipeline_stages()
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -179,8 +352,8 @@ def describe_failure(exc: BaseException) -> str:
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     message = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return (
-        f"tracking: {tracking_uri()}: {message[:300]} "
-        "(unset MLFLOW_TRACKING_URI to log to the local store mlflow.db)"
+        f"tracking: {tracking_uri()}: {message[:300]} (to run without it: unset "
+        "MLFLOW_TRACKING_URI to log to the local mlflow.db, or set PIPELINE_TRACKING=off)"
     )
 
 
@@ -269,6 +442,10 @@ class _Worker:
                 self.process.kill()
 
 
+def _is_own_metrics(message) -> bool:
+    return bool(message) and message[0] == "log_metrics" and not message[1][3]
+
+
 def _serve(requests_fd: int, replies_fd: int) -> None:
     """The worker: run the operations a stage sends, in order, until it closes the run.
 
@@ -301,10 +478,10 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
         if message is None:
             message = ("close", ("KILLED",), False)
         operation, args, wants_reply = message
-        if operation == "log_metrics":
-            batches = [args]
-            while not inbox.empty() and inbox.queue[0] and inbox.queue[0][0] == "log_metrics":
-                batches.append(inbox.get()[1])
+        if operation == "log_metrics" and not args[3]:  # the stage's own metrics
+            batches = [args[:3]]
+            while not inbox.empty() and _is_own_metrics(inbox.queue[0]):
+                batches.append(inbox.get()[1][:3])
             operation, args = "log_metric_batches", (batches,)
         result = None
         if failure is None or operation == "close":
@@ -321,31 +498,73 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
 
 
 class StageRun:
-    """What a stage logs: params once, metrics per epoch or at the end, artifacts."""
+    """What a stage logs: params once, metrics per epoch or at the end, artifacts, datasets,
+    and operations of other modules (models, registry). Every call returns at once but ``id``
+    and ``call``."""
 
-    def __init__(self, tracker: _Inline | _Worker) -> None:
+    def __init__(self, tracker: _Inline | _Worker | _Off) -> None:
         self._tracker = tracker
         self._id: str | None = None
 
     @property
-    def id(self) -> str:
-        """The MLflow run id (waits for the run to exist)."""
+    def id(self) -> str | None:
+        """The MLflow run id (waits for the run to exist); None with tracking off."""
         if self._id is None:
             self._id = self._tracker.call("current_run_id")
         return self._id
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Log every numeric value of ``metrics`` (nested keys joined with '.') in one call."""
+    def log_metrics(
+        self, metrics: Mapping[str, Any], step: int | None = None, parent: bool = False
+    ) -> None:
+        """Log every numeric value of ``metrics`` (nested keys joined with '.') in one call;
+        ``parent`` logs them on the execution's parent run too (the final figures)."""
         timestamp = int(time.time() * 1000)
-        self._tracker.send("log_metrics", numeric_metrics(metrics), step, timestamp)
+        self._tracker.send("log_metrics", numeric_metrics(metrics), step, timestamp, parent)
 
     def log_epoch(self, stats) -> None:
         """Per-epoch training metrics, in one call per epoch."""
         values = {k: v for k, v in vars(stats).items() if k != "epoch"}
         self.log_metrics(values, step=stats.epoch)
 
-    def log_artifacts(self, *paths: Path | str, folder: str | None = None) -> None:
-        self._tracker.send("log_artifacts", [str(p) for p in paths], folder)
+    def log_artifacts(
+        self, *paths: Path | str, folder: str | None = None, parent: bool = False
+    ) -> None:
+        """Files and folders as artifacts (folders keep their name); ``parent`` also puts them
+        on the execution's parent run."""
+        self._tracker.send("log_artifacts", [str(p) for p in paths], folder, parent)
+
+    def log_dataset(self, path: Path | str, context: str) -> None:
+        """A split the stage read (``training``, ``validation``, ``test``), digest = DVC md5."""
+        self._tracker.send("log_dataset", str(path), context, Path(path).stem)
+
+    def send(self, operation, *args: Any) -> None:
+        """Run ``operation(recorder, *args)`` where MLflow runs, without waiting (see
+        Recorder.run_operation)."""
+        self._tracker.send("run_operation", operation, *args)
+
+    def call(self, operation, *args: Any) -> Any:
+        """Run ``operation(recorder, *args)`` where MLflow runs, and return its result (None
+        with tracking off)."""
+        return self._tracker.call("run_operation", operation, *args)
+
+
+class _Off:
+    """``PIPELINE_TRACKING=off``: nothing is logged."""
+
+    closed = False
+
+    def send(self, operation: str, *args: Any) -> None:
+        return None
+
+    call = send
+
+    def finish(self, status: str) -> None:
+        self.closed = True
+
+
+def tracking_enabled() -> bool:
+    """False when ``PIPELINE_TRACKING=off``: stages then run without any tracking store."""
+    return os.environ.get("PIPELINE_TRACKING", "on").lower() not in ("off", "0", "false")
 
 
 def _inline_mode(background: bool | None) -> bool:
@@ -367,7 +586,12 @@ def stage_run(
     worker process (True) or inline logging (False); by default a process that has not imported
     mlflow uses the worker.
     """
-    tracker = _Inline() if _inline_mode(background) else _Worker()
+    if not tracking_enabled():
+        tracker = _Off()
+    elif _inline_mode(background):
+        tracker = _Inline()
+    else:
+        tracker = _Worker()
     run = StageRun(tracker)
     try:
         tracker.send("open", stage, experiment, dict(params), run_id)

@@ -1,0 +1,97 @@
+"""Models in MLflow: the trained models logged as pyfunc models on their stage's run, and the
+registry, where each evaluated fine-tuned model becomes a new version with the alias
+``candidate``, and ``champion`` moves to it only when every gate passed and it beats the
+champion.
+
+``log_model`` and ``register`` run where MLflow runs (the tracking worker): a stage sends them
+with ``run.send(log_model, ...)`` / ``run.call(register, ...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+ACCURACY_TAG = "finetuned.accuracy"
+
+
+def register_candidate(
+    client,
+    name: str,
+    model_uri: str,
+    accuracy: float,
+    failures: list[str],
+    tags: dict[str, Any],
+) -> str:
+    """Register ``model_uri`` under ``name`` and move the aliases; returns one line saying what
+    happened. ``failures`` are the failed gates (empty: all passed)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    version_tags = tags | {
+        ACCURACY_TAG: f"{accuracy:.6f}",
+        "gates": "passed" if not failures else "failed: " + "; ".join(failures),
+    }
+    version = mlflow.register_model(model_uri, name, tags=version_tags).version
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no champion yet
+        champion = None
+    line = f"registered {name} version {version} as {CANDIDATE}"
+    if failures:
+        return f"{line}; gates failed, {CHAMPION} stays"
+    if champion is not None:
+        best = float(champion.tags.get(ACCURACY_TAG, "-inf"))
+        if accuracy <= best:
+            return (
+                f"{line}; {CHAMPION} stays at version {champion.version} "
+                f"({ACCURACY_TAG} {best:.4f} >= {accuracy:.4f})"
+            )
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return f"{line} and {CHAMPION} ({ACCURACY_TAG} {accuracy:.4f})"
+
+
+def log_model(recorder, model_dir: str, example_path: str) -> str:
+    """Log a saved model directory as a pyfunc model on the stage's run (a few rows of the
+    parquet split ``example_path`` as its input example); returns the model's URI."""
+    import pandas as pd
+
+    recorder.activate()
+    features = json.loads((Path(model_dir) / "config.json").read_text())["feature_names"]
+    example = pd.read_parquet(example_path, columns=features).head(5)
+    # Each load of serving.py makes MLflow hint that predict() could declare its signature with
+    # type hints (ours is explicit), under its own "once" filter: record, then drop that hint.
+    with warnings.catch_warnings(record=True) as caught:
+        from stages.core.serving import log_pyfunc
+
+        info = log_pyfunc(model_dir, example)
+    for warning in caught:
+        if "Add type hints to the `predict` method" not in str(warning.message):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, 0)
+    recorder.client.set_tag(recorder.run_id, "model_uri", info.model_uri)
+    return info.model_uri
+
+
+def register(
+    recorder, model_dir: str, example_path: str, name: str, accuracy: float, failures: list
+) -> str:
+    """Register the fine-tuned model of this execution (the one logged by the run that
+    produced ``model_dir``; logged here if that run is unknown to the store) and move the
+    aliases. Returns one line saying what happened."""
+    tags = recorder.parent_tags()
+    producer = tags.get("run.finetune") or tags.get("cached.finetune")
+    model_uri = None
+    if producer and producer != "unknown":
+        model_uri = recorder.client.get_run(producer).data.tags.get("model_uri")
+    if model_uri is None:
+        model_uri = log_model(recorder, model_dir, example_path)
+    context = {k: v for k, v in recorder.context_tags().items() if not k.startswith("mlflow.")}
+    version_tags = {"parent_run_id": recorder.parent_id or "", "evaluate_run_id": recorder.run_id}
+    return register_candidate(
+        recorder.client, name, model_uri, accuracy, failures, version_tags | context
+    )
