@@ -172,8 +172,8 @@ def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 PIPELINE_STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "data/source", ".dvcignore"]
 PROJECT_FILES += [".dvc/config", ".gitignore"]
-# The local MLflow store records absolute artifact paths, and DVC's tmp holds locks and queue
-# state: a copy of a repo starts without them, so that it never writes into the original.
+# The local MLflow store records absolute paths (copy_mlflow_store rewrites them), and DVC's tmp
+# holds locks and queue state: a copy never writes into the original.
 NOT_COPIED = ("mlflow.db", ".mlflow.db.lock", "mlartifacts", "tmp", "__pycache__")
 GIT_ID = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
 COMMAND_TIMEOUT = 600  # seconds; a hung `dvc` fails its test instead of waiting for CI's limit
@@ -218,7 +218,8 @@ def pipeline_env() -> dict:
 
 
 def copy_project(source: Path, target: Path, files: list[str] | None = None) -> Path:
-    """Copy ``files`` (default: a whole repo made by these fixtures) from ``source``."""
+    """Copy ``files`` (default: a whole repo made by these fixtures, with its own copy of the
+    MLflow store) from ``source``."""
     ignore = shutil.ignore_patterns(*NOT_COPIED)
     for name in files if files is not None else os.listdir(source):
         src, dst = source / name, target / name
@@ -229,7 +230,31 @@ def copy_project(source: Path, target: Path, files: list[str] | None = None) -> 
             shutil.copytree(src, dst, ignore=ignore, symlinks=True)
         else:
             shutil.copy2(src, dst)
+    if files is None and (source / "mlflow.db").is_file():
+        copy_mlflow_store(source, target)
     return target
+
+
+def copy_mlflow_store(source: Path, target: Path) -> None:
+    """Copy the local store (``mlflow.db`` + ``mlartifacts/``) of repo ``source`` into repo
+    ``target``, pointing every absolute path it records at the copy."""
+    import sqlite3
+
+    shutil.copy2(source / "mlflow.db", target / "mlflow.db")
+    if (source / "mlartifacts").is_dir():
+        shutil.copytree(source / "mlartifacts", target / "mlartifacts")
+    old, new = str(source.resolve()), str(target.resolve())
+    with contextlib.closing(sqlite3.connect(target / "mlflow.db")) as db, db:
+        tables = [row[0] for row in db.execute("select name from sqlite_master where type='table'")]
+        for table in tables:
+            for column in db.execute(f"pragma table_info('{table}')").fetchall():
+                name, kind = column[1], column[2].upper()
+                if "CHAR" in kind or "TEXT" in kind:
+                    db.execute(
+                        f'update "{table}" set "{name}" = replace("{name}", ?, ?) '
+                        f'where "{name}" like ?',
+                        (old, new, f"%{old}%"),
+                    )
 
 
 @pytest.fixture(scope="session")
@@ -249,6 +274,6 @@ def pristine_repo(tmp_path_factory, pipeline_env: dict) -> Path:
 
 @pytest.fixture
 def pipeline_repo(pristine_repo: Path, tmp_path: Path) -> Path:
-    """A private copy of ``pristine_repo`` (git history, DVC cache and outputs, no MLflow
+    """A private copy of ``pristine_repo`` (git history, DVC cache and outputs, the MLflow
     store) that the test may change at will."""
     return copy_project(pristine_repo, tmp_path / "repo")

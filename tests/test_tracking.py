@@ -310,5 +310,5 @@ def test_unreachable_server_is_one_line_naming_it(monkeypatch) -> None:
         run.log_metrics({"rows": 1})
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith(f"tracking: {uri}: ")
+    assert message.startswith(f"tracking: {uri}: connection refused (is the server running?) ")
     assert "unset MLFLOW_TRACKING_URI" in message and "PIPELINE_TRACKING=off" in message

@@ -10,7 +10,6 @@ with ``run.send(log_model, ...)`` / ``run.call(register, ...)``.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +63,9 @@ def log_model(recorder, model_dir: str, example_path: str) -> str:
     recorder.activate()
     features = json.loads((Path(model_dir) / "config.json").read_text())["feature_names"]
     example = pd.read_parquet(example_path, columns=features).head(5)
-    # Each load of serving.py makes MLflow hint that predict() could declare its signature with
-    # type hints (ours is explicit), under its own "once" filter: record, then drop that hint.
-    with warnings.catch_warnings(record=True) as caught:
-        from stages.core.serving import log_pyfunc
+    from stages.core.serving import log_pyfunc
 
-        info = log_pyfunc(model_dir, example)
-    for warning in caught:
-        if "Add type hints to the `predict` method" not in str(warning.message):
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, 0)
+    info = log_pyfunc(model_dir, example)
     recorder.client.set_tag(recorder.run_id, "model_uri", info.model_uri)
     return info.model_uri
 

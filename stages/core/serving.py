@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 from mlflow.models import set_model
 
 ARTIFACT = "model"  # the key of the model directory among the pyfunc's artifacts
@@ -30,9 +31,10 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
 
         self.model, self.config = load_model(context.artifacts[ARTIFACT])
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame | pd.Series:
         import numpy as np
-        import pandas as pd
         import torch
 
         missing = [c for c in self.config.feature_names if c not in model_input.columns]

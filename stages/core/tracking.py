@@ -347,12 +347,25 @@ def _pipeline_stages() -> list[str]:
     return pipeline_stages()
 
 
+# What a refused, silent or unknown host looks like deep inside MLflow's and urllib3's messages.
+NETWORK_FAILURES = {
+    "Connection refused": "connection refused (is the server running?)",
+    "timed out": "no answer (timed out)",
+    "Name or service not known": "unknown host",
+    "Temporary failure in name resolution": "unknown host",
+    "No route to host": "no route to host",
+}
+
+
 def describe_failure(exc: BaseException) -> str:
     """One line for a tracking failure: the store, what went wrong, how to go on without it."""
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    message = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    text = str(exc)
+    reason = next((short for key, short in NETWORK_FAILURES.items() if key in text), None)
+    if reason is None:
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        reason = f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
     return (
-        f"tracking: {tracking_uri()}: {message[:300]} (to run without it: unset "
+        f"tracking: {tracking_uri()}: {reason} (to run without it: unset "
         "MLFLOW_TRACKING_URI to log to the local mlflow.db, or set PIPELINE_TRACKING=off)"
     )
 

@@ -1,0 +1,133 @@
+"""Models in MLflow: the pyfunc model (loads without pickle, predicts labels and probabilities
+from raw feature rows) and the registry's candidate / champion aliases (real SQLite store)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import TEST_EXPERIMENT, make_blobs, make_config, make_model
+
+from stages.core.model import save_model
+from stages.core.registry import CANDIDATE, CHAMPION, log_model, register_candidate
+from stages.core.tracking import stage_run
+from stages.core.training import FitOptions, fit, predict
+
+FEATURES = ["f0", "f1", "f2", "f3"]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> tuple[Path, Path, pd.DataFrame]:
+    """A trained 3-class model with string classes, saved; a parquet split of raw rows."""
+    folder = tmp_path_factory.mktemp("model")
+    (x, y), val = make_blobs(20, seed=1), make_blobs(10, seed=2)
+    config = make_config(x, classes=["ant", "bee", "cat"])
+    model = make_model(config)
+    fit(model, (x, y), val, FitOptions(epochs=30, batch_size=16, lr=0.02, device="cpu"))
+    save_model(folder / "model", model, config)
+    frame = pd.DataFrame(val[0].numpy().astype(np.float64), columns=FEATURES)
+    frame["label"] = [config.classes[i] for i in val[1].tolist()]
+    frame.to_parquet(folder / "split.parquet")
+    expected = [config.classes[i] for i in predict(model, val[0]).tolist()]
+    return folder / "model", folder / "split.parquet", frame.assign(expected=expected)
+
+
+@pytest.fixture(scope="module")
+def logged_uri(saved_model, mlflow_uri: str) -> str:
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri  # module scope: before the autouse fixture
+    model_dir, split, _ = saved_model
+    with stage_run("train", TEST_EXPERIMENT, {}, background=False) as run:
+        uri = run.call(log_model, model_dir, split)
+    return uri
+
+
+def test_pyfunc_model_predicts_labels_from_raw_rows(saved_model, logged_uri: str) -> None:
+    import mlflow.pyfunc
+
+    _, _, frame = saved_model
+    loaded = mlflow.pyfunc.load_model(logged_uri)
+    for rows in (frame.iloc[:1], frame.iloc[:7], frame):  # any batch size
+        labels = loaded.predict(rows[FEATURES])
+        assert list(labels) == rows["expected"].tolist()
+    shuffled = frame[FEATURES[::-1]]  # columns are found by name
+    assert list(loaded.predict(shuffled)) == frame["expected"].tolist()
+
+
+def test_pyfunc_model_gives_probabilities(saved_model, logged_uri: str) -> None:
+    import mlflow.pyfunc
+
+    _, _, frame = saved_model
+    probabilities = mlflow.pyfunc.load_model(logged_uri).predict(
+        frame[FEATURES], params={"probabilities": True}
+    )
+    assert list(probabilities.columns) == ["ant", "bee", "cat"]
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert probabilities.idxmax(axis=1).tolist() == frame["expected"].tolist()
+
+
+def test_pyfunc_model_loads_without_pickle(logged_uri: str, tmp_path: Path) -> None:
+    import mlflow.artifacts
+    from safetensors.torch import load_file
+
+    local = Path(mlflow.artifacts.download_artifacts(logged_uri, dst_path=str(tmp_path)))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))], files
+    weights = [f for f in files if f.endswith("model.safetensors")]
+    assert len(weights) == 1
+    assert all(isinstance(t, torch.Tensor) for t in load_file(str(local / weights[0])).values())
+    requirements = (local / "requirements.txt").read_text().split()
+    assert any(r.startswith("torch==") for r in requirements)
+    assert any(r.startswith("safetensors==") for r in requirements)
+
+
+def test_pyfunc_model_names_missing_columns(saved_model, logged_uri: str) -> None:
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    _, _, frame = saved_model
+    with pytest.raises(MlflowException, match="f3"):
+        mlflow.pyfunc.load_model(logged_uri).predict(frame[FEATURES[:3]])
+
+
+def test_champion_moves_only_for_a_better_model_that_passed(logged_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    name = f"registry-{uuid.uuid4().hex[:8]}"
+
+    def aliases() -> dict[str, int]:
+        return {
+            a: client.get_model_version_by_alias(name, a).version for a in (CANDIDATE, CHAMPION)
+        }
+
+    line = register_candidate(client, name, logged_uri, 0.80, [], {"git.commit": "abc"})
+    assert (
+        line == f"registered {name} version 1 as candidate and champion (finetuned.accuracy 0.8000)"
+    )
+    assert aliases() == {CANDIDATE: 1, CHAMPION: 1}
+
+    line = register_candidate(client, name, logged_uri, 0.70, [], {})
+    assert aliases() == {CANDIDATE: 2, CHAMPION: 1}
+    assert line.endswith("champion stays at version 1 (finetuned.accuracy 0.8000 >= 0.7000)")
+
+    failed = ["evaluate.min_transfer_gain: finetuned - scratch 0.0100 < 0.03"]
+    line = register_candidate(client, name, logged_uri, 0.95, failed, {})
+    assert aliases() == {CANDIDATE: 3, CHAMPION: 1}  # a failed gate never promotes
+    assert line.endswith("gates failed, champion stays")
+    assert client.get_model_version(name, "3").tags["gates"] == f"failed: {failed[0]}"
+
+    register_candidate(client, name, logged_uri, 0.80, [], {})  # a tie keeps the champion
+    assert aliases() == {CANDIDATE: 4, CHAMPION: 1}
+
+    register_candidate(client, name, logged_uri, 0.90, [], {})
+    assert aliases() == {CANDIDATE: 5, CHAMPION: 5}
+    champion = client.get_model_version_by_alias(name, CHAMPION)
+    assert champion.tags["finetuned.accuracy"] == "0.900000"
+    assert champion.tags["gates"] == "passed"
+    assert client.get_model_version(name, "1").tags["git.commit"] == "abc"
