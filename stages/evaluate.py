@@ -1,5 +1,6 @@
 """Stage evaluate: score both models and the baselines on the test splits, then gate.
--> metrics/evaluate.json, plots/confusion.csv, reports/evaluation.md."""
+-> metrics/evaluate.json, plots/{confusion,roc,precision_recall}.csv, plots/per_class/,
+reports/evaluation.md, reports/figures/."""
 
 import pandas as pd
 
@@ -10,16 +11,25 @@ from stages.core.errors import GateError
 from stages.core.evaluation import (
     classical_baseline,
     compare_on_draws,
-    failed_gates,
+    evaluation_metrics,
+    gates,
+    label_predictor,
+    log_classifier_evaluation,
     predictions,
-    render_report,
-    scores,
-    summarize_draws,
+    score_model,
 )
+from stages.core.figures import draw_figures
 from stages.core.finetuning import sample_shots
 from stages.core.io import write_csv, write_json, write_text
+from stages.core.metrics import (
+    calibration_bins,
+    confidence_and_correct,
+    micro_curves,
+    per_class_scores,
+)
 from stages.core.model import load_model
 from stages.core.params import load_params
+from stages.core.report import render_report
 from stages.core.splitting import PARTS
 from stages.core.tracking import stage_run
 
@@ -34,29 +44,72 @@ def main() -> None:
         tuned, tuned_config = load_model(layout.FINETUNED_MODEL)
         draws = compare_on_draws(base, base_config, (tuned, tuned_config), target, params)
         shots = sample_shots(target["train"], params.finetune.shots_per_class, params.finetune.seed)
-        tuned_pairs = predictions(tuned, tuned_config, target["test"])
-        metrics = {
-            "base": scores(predictions(base, base_config, base_test)),
-            "finetuned": draws[0]["finetuned"],
-            "scratch": draws[0]["scratch"],
-            "sklearn": classical_baseline(shots, target["test"], tuned_config.feature_names),
-            "transfer_gain": round(
-                draws[0]["finetuned"]["accuracy"] - draws[0]["scratch"]["accuracy"], 6
-            ),
-            "transfer": summarize_draws(draws),
-        }
+        tuned_scored = score_model(tuned, tuned_config, target["test"])
+        zero_shot = None
         if set(target["test"][LABEL]) <= set(base_config.classes):
-            metrics["zero_shot"] = scores(predictions(base, base_config, target["test"]))
-        failures = failed_gates(metrics, params.evaluate)
+            zero_shot = predictions(base, base_config, target["test"])
+        metrics = evaluation_metrics(
+            base=score_model(base, base_config, base_test),
+            finetuned=tuned_scored,
+            draws=draws,
+            sklearn=classical_baseline(shots, target["test"], tuned_config.feature_names),
+            zero_shot=zero_shot,
+            params=params.evaluate,
+        )
+        checked = gates(metrics, params.evaluate)
         write_json(layout.EVALUATE_METRICS, metrics)
-        write_csv(layout.CONFUSION_PLOT, tuned_pairs)
-        report = render_report(metrics, params.finetune.shots_per_class, failures)
+
+        classes = tuned_config.classes
+        per_class = {
+            "base": metrics["base"]["per_class"],
+            "finetuned": metrics["finetuned"]["per_class"],
+            "scratch": per_class_scores(draws[0].scratch, classes),
+        }
+        write_csv(layout.CONFUSION_PLOT, tuned_scored.pairs)
+        roc, precision_recall = micro_curves(tuned_scored.pairs.actual, tuned_scored.proba, classes)
+        write_csv(layout.ROC_PLOT, roc)
+        write_csv(layout.PRECISION_RECALL_PLOT, precision_recall)
+        for model, rows in per_class.items():
+            frame = pd.DataFrame.from_dict(rows, orient="index").rename_axis("class")
+            write_csv(layout.PER_CLASS_PLOTS / f"{model}.csv", frame.reset_index())
+
+        confidence, correct = confidence_and_correct(
+            tuned_scored.pairs.actual, tuned_scored.proba, classes
+        )
+        figures = draw_figures(
+            layout.FIGURES,
+            finetuned=tuned_scored.pairs,
+            classes=classes,
+            histories={
+                "train (base domain)": pd.read_csv(layout.TRAIN_PLOT),
+                "finetune (target shots)": pd.read_csv(layout.FINETUNE_PLOT),
+            },
+            recalls={m: {c: row["recall"] for c, row in r.items()} for m, r in per_class.items()},
+            calibration=calibration_bins(confidence, correct),
+            ece=metrics["finetuned"]["ece"],
+        )
+        links = {caption: path.relative_to(layout.EVALUATION_REPORT.parent).as_posix()
+                 for caption, path in figures.items()}  # fmt: skip
+        report = render_report(metrics, checked, params, links)
         write_text(layout.EVALUATION_REPORT, report)
+
         run.log_metrics(metrics)
-        run.log_artifacts(layout.EVALUATION_REPORT, layout.CONFUSION_PLOT)
+        run.log_artifacts(layout.EVALUATION_REPORT, layout.FIGURES)
+        run.log_artifacts(
+            layout.CONFUSION_PLOT, layout.ROC_PLOT, layout.PRECISION_RECALL_PLOT, folder="plots"
+        )
+        run.log_artifacts(layout.PER_CLASS_PLOTS, folder="plots/per_class")
+        log_classifier_evaluation(
+            label_predictor(tuned, tuned_config),
+            target["test"],
+            tuned_config.feature_names,
+            tuned_scored.proba,
+            classes,
+        )
         print(report)
+        failures = [gate.failure() for gate in checked if not gate.passed]
         if failures:
-            raise GateError(failures[0])
+            raise GateError("\n".join(failures))
 
 
 if __name__ == "__main__":
