@@ -15,18 +15,14 @@ from stages.core.evaluation import (
     gates,
     label_predictor,
     log_classifier_evaluation,
+    plot_files,
     predictions,
     score_model,
 )
 from stages.core.figures import draw_figures
 from stages.core.finetuning import sample_shots
 from stages.core.io import write_csv, write_json, write_text
-from stages.core.metrics import (
-    calibration_bins,
-    confidence_and_correct,
-    micro_curves,
-    per_class_scores,
-)
+from stages.core.metrics import per_class_scores
 from stages.core.model import load_model
 from stages.core.params import load_params
 from stages.core.report import render_report
@@ -65,28 +61,18 @@ def main() -> None:
             "finetuned": metrics["finetuned"]["per_class"],
             "scratch": per_class_scores(draws[0].scratch, classes),
         }
-        write_csv(layout.CONFUSION_PLOT, tuned_scored.pairs)
-        roc, precision_recall = micro_curves(tuned_scored.pairs.actual, tuned_scored.proba, classes)
-        write_csv(layout.ROC_PLOT, roc)
-        write_csv(layout.PRECISION_RECALL_PLOT, precision_recall)
-        for model, rows in per_class.items():
-            frame = pd.DataFrame.from_dict(rows, orient="index").rename_axis("class")
-            write_csv(layout.PER_CLASS_PLOTS / f"{model}.csv", frame.reset_index())
-
-        confidence, correct = confidence_and_correct(
-            tuned_scored.pairs.actual, tuned_scored.proba, classes
-        )
+        for path, frame in plot_files(tuned_scored, per_class).items():
+            write_csv(path, frame)
         figures = draw_figures(
             layout.FIGURES,
-            finetuned=tuned_scored.pairs,
-            classes=classes,
+            tuned_scored.pairs,
+            tuned_scored.proba,
+            classes,
             histories={
                 "train (base domain)": pd.read_csv(layout.TRAIN_PLOT),
                 "finetune (target shots)": pd.read_csv(layout.FINETUNE_PLOT),
             },
             recalls={m: {c: row["recall"] for c, row in r.items()} for m, r in per_class.items()},
-            calibration=calibration_bins(confidence, correct),
-            ece=metrics["finetuned"]["ece"],
         )
         links = {caption: path.relative_to(layout.EVALUATION_REPORT.parent).as_posix()
                  for caption, path in figures.items()}  # fmt: skip

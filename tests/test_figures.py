@@ -14,7 +14,6 @@ import pandas as pd
 from conftest import REPO_ROOT
 
 from stages.core.figures import DPI, SIZE, draw_figures
-from stages.core.metrics import calibration_bins
 
 CLASSES = [0, 1, 2]
 
@@ -32,14 +31,15 @@ def draw_sample(directory: Path | str, seed: int = 0) -> dict[str, bytes]:
             "val_accuracy": np.linspace(0.3, 0.9, 10),
         }
     )
+    proba = rng.dirichlet([1, 1, 1], 60)
+    proba[np.arange(60), predicted] += 1  # the predicted class is the most probable
     drawn = draw_figures(
         directory,
-        finetuned=pd.DataFrame({"actual": actual, "predicted": predicted}),
-        classes=CLASSES,
+        pd.DataFrame({"actual": actual, "predicted": predicted}),
+        proba / proba.sum(axis=1, keepdims=True),
+        CLASSES,
         histories={"train": history, "finetune": history.iloc[:5]},
         recalls={"base": {"0": 0.9, "1": 1.0, "2": 0.8}, "finetuned": {"0": 0.7, "2": 1.0}},
-        calibration=calibration_bins(rng.uniform(0.34, 1, 60), predicted == actual),
-        ece=0.05,
     )
     return {path.name: path.read_bytes() for path in drawn.values()}
 
@@ -86,10 +86,8 @@ def test_same_inputs_same_bytes_across_processes(tmp_path: Path) -> None:
     assert other["reliability_finetuned.png"] != here["reliability_finetuned.png"]
 
 
-def test_reliability_figure_draws_empty_bins(tmp_path: Path) -> None:
-    """Every row in one bin: the other bins are empty (NaN) and must not break the drawing."""
-    bins = calibration_bins(np.full(10, 0.99), np.ones(10))
-    assert bins["count"].tolist().count(0) == 14
+def test_sure_model_leaves_calibration_bins_empty(tmp_path: Path) -> None:
+    """Every row in the top confidence bin: the empty bins (NaN) must not break the drawing."""
     history = pd.DataFrame(
         {
             "epoch": [1, 2],
@@ -100,11 +98,10 @@ def test_reliability_figure_draws_empty_bins(tmp_path: Path) -> None:
     )
     drawn = draw_figures(
         tmp_path,
-        finetuned=pd.DataFrame({"actual": [0, 1, 2], "predicted": [0, 1, 2]}),
-        classes=CLASSES,
+        pd.DataFrame({"actual": [0, 1, 2], "predicted": [0, 1, 2]}),
+        np.eye(3) * 0.98 + 0.01 / 1.5,
+        CLASSES,
         histories={"train": history},
         recalls={"finetuned": {"0": 1.0, "1": 1.0, "2": 1.0}},
-        calibration=bins,
-        ece=0.01,
     )
     assert all(path.stat().st_size > 1000 for path in drawn.values())

@@ -7,14 +7,22 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from stages.core import layout
 from stages.core.data import LABEL
 from stages.core.finetuning import few_shot_options, fine_tune, sample_shots
-from stages.core.metrics import bootstrap_intervals, detailed_scores, mean_interval, scores
+from stages.core.metrics import (
+    bootstrap_intervals,
+    detailed_scores,
+    mean_interval,
+    micro_curves,
+    scores,
+)
 from stages.core.model import Classifier, ModelConfig, encode, fit_scaling
 from stages.core.params import EvaluateParams, Params
 from stages.core.training import FitOptions, fit, predict_proba
@@ -174,6 +182,23 @@ def evaluation_metrics(
     if zero_shot is not None:
         metrics["zero_shot"] = block(zero_shot)
     return metrics
+
+
+def plot_files(finetuned: Scored, per_class: dict[str, dict]) -> dict[Path, pd.DataFrame]:
+    """The data of the DVC plots, by path: the fine-tuned model's test predictions (confusion),
+    its micro-averaged ROC and precision-recall curves, and each model's per-class scores."""
+    roc, precision_recall = micro_curves(
+        finetuned.pairs["actual"].to_numpy(), finetuned.proba, finetuned.classes
+    )
+    files = {
+        layout.CONFUSION_PLOT: finetuned.pairs,
+        layout.ROC_PLOT: roc,
+        layout.PRECISION_RECALL_PLOT: precision_recall,
+    }
+    for model, rows in per_class.items():
+        frame = pd.DataFrame.from_dict(rows, orient="index").rename_axis("class").reset_index()
+        files[layout.PER_CLASS_PLOTS / f"{model}.csv"] = frame
+    return files
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,11 @@ import numpy as np
 import pandas as pd
 
 from stages.core.io import write_atomic
+from stages.core.metrics import (
+    calibration_bins,
+    confidence_and_correct,
+    expected_calibration_error,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -118,13 +123,13 @@ def reliability_figure(bins: pd.DataFrame, ece: float, title: str) -> Figure:
     filled = bins[bins["count"] > 0]
     width = float(bins["high"].iloc[0] - bins["low"].iloc[0])
     centres = (bins["low"] + bins["high"]) / 2
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="ideal")
     ax.bar(
         (filled["low"] + filled["high"]) / 2,
         filled["accuracy"],
         width * 0.9,
         alpha=0.7,
-        label="accuracy in bin",
+        label="accuracy per bin",
     )
     ax.plot(filled["confidence"], filled["accuracy"], "o", color="tab:red", label="bin mean")
     ax.set_xlim(0, 1)
@@ -146,24 +151,31 @@ def reliability_figure(bins: pd.DataFrame, ece: float, title: str) -> Figure:
 def draw_figures(
     directory: Path | str,
     finetuned: pd.DataFrame,
+    proba: np.ndarray,
     classes: Sequence,
     histories: Mapping[str, pd.DataFrame],
     recalls: Mapping[str, Mapping[str, float]],
-    calibration: pd.DataFrame,
-    ece: float,
 ) -> dict[str, Path]:
-    """Draw every picture of the evaluation into ``directory``; returns {caption: path}."""
+    """Draw every picture of the evaluation into ``directory``; returns {caption: path}.
+
+    ``finetuned`` and ``proba``: the fine-tuned model's test predictions and probabilities;
+    ``histories``: training runs by name (rows of epoch, losses, val accuracy);
+    ``recalls``: each model's recall by class label (as text).
+    """
     directory = Path(directory)
+    confidence, correct = confidence_and_correct(finetuned["actual"].to_numpy(), proba, classes)
+    ece = expected_calibration_error(confidence, correct)
+    where = "Fine-tuned model, target-domain test"
     drawn = {
         "Confusion matrix of the fine-tuned model (target-domain test)": (
             CONFUSION_FIGURE,
-            confusion_figure(finetuned, classes, "Fine-tuned model, target-domain test"),
+            confusion_figure(finetuned, classes, where),
         ),
         "Loss and val accuracy per epoch": (TRAINING_FIGURE, training_curves_figure(histories)),
         "Recall per class": (PER_CLASS_FIGURE, per_class_recall_figure(recalls, classes)),
         "Reliability diagram of the fine-tuned model": (
             RELIABILITY_FIGURE,
-            reliability_figure(calibration, ece, "Fine-tuned model, target-domain test"),
+            reliability_figure(calibration_bins(confidence, correct), ece, where),
         ),
     }
     return {caption: save_png(fig, directory / name) for caption, (name, fig) in drawn.items()}
