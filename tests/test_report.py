@@ -87,7 +87,8 @@ def test_the_report_says_how_uncertain_one_accuracy_is() -> None:
     assert (
         "With 180 test rows, one accuracy figure is uncertain by about ±0.039 at 95% (half the "
         "width of the fine-tuned model's interval, 0.872 to 0.950; about ±0.020 is one standard "
-        "error)" in text
+        "error), so differences of that size between two models on this test set can be noise."
+        in text
     )
     assert "(2000 resamples, seed 42)" in text
 
@@ -104,6 +105,9 @@ def test_transfer_with_its_interval() -> None:
     assert "| mean over 2 draws | 0.918 | 0.839 | +0.079 |" in text
     single = "\n".join(_render(_metrics(([0.911], [0.878]))))
     assert "(seed 42; no interval with a single draw; worst draw +0.033)" in single
+    worse = "\n".join(_render(_metrics(([0.80], [0.85]))))
+    assert "Fine-tuning trails the same network trained from scratch on the same shots by " in worse
+    assert "**-0.050** accuracy" in worse
 
 
 def test_worst_classes_lowest_recall_first() -> None:

@@ -54,7 +54,7 @@ def _uncertainty_sentence(metrics: Mapping, params: Params) -> str:
         f"figure is uncertain by about ±{half:.3f} at 95% (half the width of the fine-tuned "
         f"model's interval, {tuned['accuracy_ci95_low']:.3f} to "
         f"{tuned['accuracy_ci95_high']:.3f}; about ±{half / 1.96:.3f} is one standard error), "
-        f"so two models closer than that on this test set are not shown to differ."
+        f"so differences of that size between two models on this test set can be noise."
     )
 
 
@@ -70,8 +70,9 @@ def _transfer_lines(metrics: Mapping, params: Params) -> list[str]:
             f"95% t-interval {_number(transfer['gain_ci95_low'], True)} to "
             f"{_number(transfer['gain_ci95_high'], True)}"
         )
+    verb = "beats" if transfer["gain_mean"] >= 0 else "trails"
     return [
-        f"Fine-tuning beats the same network trained from scratch on the same shots by "
+        f"Fine-tuning {verb} the same network trained from scratch on the same shots by "
         f"**{_number(transfer['gain_mean'], True)}** accuracy, averaged over "
         f"{transfer['draws']} draws of the shots ({seeds}; {interval}; "
         f"worst draw {_number(transfer['gain_min'], True)}).",
