@@ -18,6 +18,8 @@ from stages.core.evaluation import (
     evaluation_metrics,
     failed_gates,
     gates,
+    label_predictor,
+    log_classifier_evaluation,
     predictions,
     score_model,
     summarize_draws,
@@ -303,3 +305,32 @@ def _tensors(frame: pd.DataFrame, config: ModelConfig):
     from stages.core.model import encode
 
     return encode(frame, config)
+
+
+def test_mlflow_classifier_evaluation_of_two_text_classes(mlflow_client) -> None:
+    """MLflow's evaluation, with our ROC AUC and log loss, of a model with text labels."""
+    from conftest import TEST_EXPERIMENT
+
+    from stages.core.metrics import probability_scores
+    from stages.core.tracking import stage_run
+
+    model, config = _hand_wired()
+    rng = np.random.default_rng(0)
+    test = pd.DataFrame({"f0": rng.normal(1, 1, 40), "f1": rng.normal(1, 1, 40)})
+    test["label"] = np.where(test["f0"] + rng.normal(0, 0.5, 40) > test["f1"], "cat", "dog")
+    scored = score_model(model, config, test)
+    ours = scores(scored.pairs) | probability_scores(
+        test["label"].to_numpy(), scored.proba, config.classes
+    )
+    with stage_run("evaluate", TEST_EXPERIMENT, {}) as run:
+        found = log_classifier_evaluation(
+            label_predictor(model, config), test, config.feature_names, scored.proba, config.classes
+        )
+    assert 0.6 < ours["accuracy"] < 1  # informative, not perfect
+    assert found["accuracy_score"] == pytest.approx(ours["accuracy"], abs=1e-6)
+    assert found["roc_auc"] == ours["roc_auc_ovr"]
+    assert found["log_loss"] == pytest.approx(ours["log_loss"], abs=1e-6)
+    logged = mlflow_client.get_run(run.id)
+    assert logged.data.metrics["roc_auc"] == ours["roc_auc_ovr"]
+    artifacts = {a.path for a in mlflow_client.list_artifacts(run.id)}
+    assert "confusion_matrix.png" in artifacts

@@ -20,6 +20,7 @@ from stages.core.metrics import (
     per_class_scores,
     probability_scores,
     resampled_scores,
+    roc_auc_ovr,
     scores,
     worst_class,
 )
@@ -130,6 +131,13 @@ def test_probability_scores_by_hand() -> None:
     )
     # Confidence 0.5 on every row, 3 of 4 right: one bin, |0.75 - 0.5| = 0.25.
     assert found["ece"] == 0.25
+
+
+def test_roc_auc_of_two_classes_by_hand() -> None:
+    proba_b = np.array([0.1, 0.9, 0.6, 0.4])
+    proba = np.column_stack([1 - proba_b, proba_b])
+    # "b" rows score 0.9 and 0.4, "a" rows 0.1 and 0.6: 3 of the 4 (b, a) pairs rank right
+    assert roc_auc_ovr(np.array(["a", "b", "a", "b"]), proba, ["a", "b"]) == 0.75
 
 
 def test_roc_auc_is_null_when_a_class_has_no_test_rows() -> None:

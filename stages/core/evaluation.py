@@ -21,6 +21,7 @@ from stages.core.metrics import (
     detailed_scores,
     mean_interval,
     micro_curves,
+    roc_auc_ovr,
     scores,
 )
 from stages.core.model import Classifier, ModelConfig, encode, fit_scaling
@@ -256,16 +257,15 @@ def log_classifier_evaluation(
     Explainability (SHAP) is off. Returns MLflow's metrics.
     """
     import mlflow
-    from sklearn.metrics import log_loss, roc_auc_score
+    from sklearn.metrics import log_loss
 
     def rows(targets: pd.Series) -> np.ndarray:
         # MLflow hands metrics the targets by row position (and first tries a single row).
         return proba[targets.index.to_numpy()]
 
     def roc_auc(targets: pd.Series) -> float:
-        if targets.nunique() < len(classes):
-            return float("nan")
-        return float(roc_auc_score(targets, rows(targets), multi_class="ovr", labels=classes))
+        area = roc_auc_ovr(targets.to_numpy(), rows(targets), classes)
+        return float("nan") if area is None else area  # None on MLflow's one-row trial
 
     def cross_entropy(targets: pd.Series) -> float:
         return float(log_loss(targets, rows(targets), labels=classes))

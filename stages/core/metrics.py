@@ -115,21 +115,29 @@ def confidence_and_correct(
     return proba.max(axis=1), predicted == np.asarray(actual, dtype=object)
 
 
-def probability_scores(actual: np.ndarray, proba: np.ndarray, classes: Sequence) -> dict:
-    """``roc_auc_ovr`` (one-vs-rest, macro; null unless every class has test rows),
-    ``log_loss`` and ``ece`` (15 bins) of class probabilities (columns in ``classes`` order)."""
-    from sklearn.metrics import log_loss, roc_auc_score
+def roc_auc_ovr(actual: np.ndarray, proba: np.ndarray, classes: Sequence) -> float | None:
+    """One-vs-rest ROC AUC, macro-averaged over ``classes`` (two classes: the ROC AUC of the
+    second); None when a class has no rows in ``actual``, where it is undefined."""
+    from sklearn.metrics import roc_auc_score
 
     classes = list(classes)
-    every_class_present = set(classes) <= set(np.asarray(actual).tolist())
-    roc_auc = (
-        _round(roc_auc_score(actual, proba, multi_class="ovr", labels=classes))
-        if every_class_present and len(classes) > 2
-        else None
-    )
+    if not set(classes) <= set(np.asarray(actual).tolist()):
+        return None
+    if len(classes) == 2:
+        return _round(roc_auc_score(np.asarray(actual) == classes[1], proba[:, 1]))
+    return _round(roc_auc_score(actual, proba, multi_class="ovr", labels=classes))
+
+
+def probability_scores(actual: np.ndarray, proba: np.ndarray, classes: Sequence) -> dict:
+    """``roc_auc_ovr`` (one-vs-rest, macro; with two classes the plain ROC AUC; null unless every
+    class has test rows), ``log_loss`` and ``ece`` (15 bins) of class probabilities (columns in
+    ``classes`` order)."""
+    from sklearn.metrics import log_loss
+
+    classes = list(classes)
     confidence, correct = confidence_and_correct(actual, proba, classes)
     return {
-        "roc_auc_ovr": roc_auc,
+        "roc_auc_ovr": roc_auc_ovr(actual, proba, classes),
         "log_loss": _round(log_loss(actual, proba, labels=classes)),
         "ece": _round(expected_calibration_error(confidence, correct)),
     }
