@@ -1,5 +1,6 @@
 """Stage evaluate: score both models and the baselines on the test splits, then gate.
--> metrics/evaluate.json, plots/confusion.csv, reports/evaluation.md."""
+-> metrics/evaluate.json, plots/{confusion,roc,precision_recall}.csv, plots/per_class/,
+reports/evaluation.md, reports/figures/."""
 
 import pandas as pd
 
@@ -10,17 +11,20 @@ from stages.core.errors import GateError
 from stages.core.evaluation import (
     classical_baseline,
     compare_on_draws,
-    failed_gates,
+    evaluation_metrics,
+    gates,
+    plot_files,
     predictions,
-    render_report,
-    scores,
-    summarize_draws,
+    score_model,
 )
+from stages.core.figures import draw_figures
 from stages.core.finetuning import sample_shots
 from stages.core.io import write_csv, write_json, write_text
+from stages.core.metrics import per_class_scores
 from stages.core.model import load_model
 from stages.core.params import load_params
-from stages.core.registry import register
+from stages.core.registry import evaluate_registered, register
+from stages.core.report import render_report
 from stages.core.splitting import PARTS
 from stages.core.tracking import stage_run
 
@@ -37,29 +41,54 @@ def main() -> None:
         tuned, tuned_config = load_model(layout.FINETUNED_MODEL)
         draws = compare_on_draws(base, base_config, (tuned, tuned_config), target, params)
         shots = sample_shots(target["train"], params.finetune.shots_per_class, params.finetune.seed)
-        tuned_pairs = predictions(tuned, tuned_config, target["test"])
-        metrics = {
-            "base": scores(predictions(base, base_config, base_test)),
-            "finetuned": draws[0]["finetuned"],
-            "scratch": draws[0]["scratch"],
-            "sklearn": classical_baseline(shots, target["test"], tuned_config.feature_names),
-            "transfer_gain": round(
-                draws[0]["finetuned"]["accuracy"] - draws[0]["scratch"]["accuracy"], 6
-            ),
-            "transfer": summarize_draws(draws),
-        }
+        tuned_scored = score_model(tuned, tuned_config, target["test"])
+        zero_shot = None
         if set(target["test"][LABEL]) <= set(base_config.classes):
-            metrics["zero_shot"] = scores(predictions(base, base_config, target["test"]))
-        failures = failed_gates(metrics, params.evaluate)
+            zero_shot = predictions(base, base_config, target["test"])
+        metrics = evaluation_metrics(
+            base=score_model(base, base_config, base_test),
+            finetuned=tuned_scored,
+            draws=draws,
+            sklearn=classical_baseline(shots, target["test"], tuned_config.feature_names),
+            zero_shot=zero_shot,
+            params=params.evaluate,
+        )
+        checked = gates(metrics, params.evaluate)
         write_json(layout.EVALUATE_METRICS, metrics)
-        write_csv(layout.CONFUSION_PLOT, tuned_pairs)
-        report = render_report(metrics, params.finetune.shots_per_class, failures)
+
+        classes = tuned_config.classes
+        per_class = {
+            "base": metrics["base"]["per_class"],
+            "finetuned": metrics["finetuned"]["per_class"],
+            "scratch": per_class_scores(draws[0].scratch, classes),
+        }
+        for path, frame in plot_files(tuned_scored, per_class).items():
+            write_csv(path, frame)
+        figures = draw_figures(
+            layout.FIGURES,
+            tuned_scored.pairs,
+            tuned_scored.proba,
+            classes,
+            histories={
+                "train (base domain)": pd.read_csv(layout.TRAIN_PLOT),
+                "finetune (target shots)": pd.read_csv(layout.FINETUNE_PLOT),
+            },
+            recalls={m: {c: row["recall"] for c, row in r.items()} for m, r in per_class.items()},
+        )
+        links = {caption: path.relative_to(layout.EVALUATION_REPORT.parent).as_posix()
+                 for caption, path in figures.items()}  # fmt: skip
+        report = render_report(metrics, checked, params, links)
         write_text(layout.EVALUATION_REPORT, report)
+
         run.log_metrics(metrics, parent=True)
-        run.log_artifacts(layout.EVALUATION_REPORT, parent=True)
-        run.log_artifacts(layout.CONFUSION_PLOT)
+        run.log_artifacts(layout.EVALUATION_REPORT, layout.FIGURES, parent=True)
+        run.log_artifacts(
+            layout.CONFUSION_PLOT, layout.ROC_PLOT, layout.PRECISION_RECALL_PLOT, folder="plots"
+        )
+        run.log_artifacts(layout.PER_CLASS_PLOTS, folder="plots/per_class")
         run.log_artifacts("dvc.lock", parent=True)  # as of this stage's start
         print(report)
+        failures = [gate.failure() for gate in checked if not gate.passed]
         registered = run.call(
             register,
             layout.FINETUNED_MODEL,
@@ -70,8 +99,16 @@ def main() -> None:
         )
         if registered:
             print(f"evaluate: {registered}")
+        # MLflow's own classifier evaluation of the version just registered (the candidate).
+        run.send(
+            evaluate_registered,
+            layout.split_path("target", "test"),
+            tuned_config.feature_names,
+            tuned_scored.proba,
+            classes,
+        )
         if failures:
-            raise GateError(failures[0])
+            raise GateError("\n".join(failures))
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 
 PIPELINE_STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "data/source", ".dvcignore"]
-PROJECT_FILES += [".dvc/config", ".gitignore"]
+PROJECT_FILES += [".dvc/config", ".dvc/plots", ".gitignore"]
 # The local MLflow store records absolute paths (copy_mlflow_store rewrites them), and DVC's tmp
 # holds locks and queue state: a copy never writes into the original.
 NOT_COPIED = ("mlflow.db", ".mlflow.db.lock", "mlartifacts", "tmp", "__pycache__")

@@ -38,6 +38,19 @@ def test_pipeline_error_is_one_line_and_exit_1(capsys, error) -> None:
     assert err == "validate: error: validate.max_quarantine_fraction: 7 of 72 rows quarantined\n"
 
 
+def test_an_error_of_several_lines_prints_each_with_the_prefix(capsys) -> None:
+    def main() -> None:
+        raise GateError("evaluate.min_base_accuracy: 0.5 < 0.9\nevaluate.min_class_recall: 0 < 0.5")
+
+    with pytest.raises(SystemExit) as caught:
+        run_stage("evaluate", main)
+    assert caught.value.code == 1
+    assert capsys.readouterr().err == (
+        "evaluate: error: evaluate.min_base_accuracy: 0.5 < 0.9\n"
+        "evaluate: error: evaluate.min_class_recall: 0 < 0.5\n"
+    )
+
+
 def test_other_errors_are_not_hidden() -> None:
     """A bug is not a user error: it keeps its traceback."""
 

@@ -1,4 +1,4 @@
-"""Evaluation: predictions as labels, scores, the baselines, the gates and the report."""
+"""Evaluation: scored predictions, the baselines and shot draws, the metrics blocks, the gates."""
 
 from __future__ import annotations
 
@@ -11,20 +11,33 @@ import torch
 from conftest import make_blobs, make_config, state_copy, states_equal
 
 from stages.core.evaluation import (
+    Draw,
+    Scored,
     classical_baseline,
     compare_on_draws,
+    evaluation_metrics,
     failed_gates,
+    gates,
+    label_predictor,
+    log_classifier_evaluation,
     predictions,
-    render_report,
-    scores,
+    score_model,
     summarize_draws,
     train_scratch,
 )
+from stages.core.metrics import scores
 from stages.core.model import Classifier, ModelConfig
 from stages.core.params import EvaluateParams
 from stages.core.training import FitOptions
 
 FEATURES = ["f0", "f1", "f2", "f3"]
+COMMON = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "support"}
+INTERVALS = {
+    f"{name}_ci95_{end}"
+    for name in ("accuracy", "recall_macro", "f1_macro")
+    for end in ("low", "high")
+}
+DETAILED = {"per_class", "roc_auc_ovr", "log_loss", "ece", "worst_class", "worst_class_recall"}
 
 
 def _frame(n_per_class: int, seed: int, labels=(0, 1, 2), noise: float = 0.0) -> pd.DataFrame:
@@ -37,35 +50,23 @@ def _frame(n_per_class: int, seed: int, labels=(0, 1, 2), noise: float = 0.0) ->
     return frame
 
 
-def _metrics(base=0.95, finetuned=0.9, scratch=0.8, zero_shot=True) -> dict:
-    metrics = {
-        "base": {"accuracy": base, "f1_macro": base - 0.01},
-        "finetuned": {"accuracy": finetuned, "f1_macro": finetuned - 0.01},
-        "scratch": {"accuracy": scratch, "f1_macro": scratch - 0.01},
-        "sklearn": {"accuracy": 0.85, "f1_macro": 0.84},
+def _metrics(base=0.95, finetuned=0.9, scratch=0.8, worst=("4", 0.7)) -> dict:
+    """Metrics as the gates read them (one draw)."""
+    return {
+        "base": {"accuracy": base},
+        "finetuned": {
+            "accuracy": finetuned,
+            "worst_class": worst[0],
+            "worst_class_recall": worst[1],
+        },
+        "scratch": {"accuracy": scratch},
         "transfer_gain": round(finetuned - scratch, 6),
-        "transfer": summarize_draws(
-            [{"finetuned": {"accuracy": finetuned}, "scratch": {"accuracy": scratch}}]
-        ),
+        "transfer": summarize_draws([finetuned], [scratch]),
     }
-    if zero_shot:
-        metrics["zero_shot"] = {"accuracy": 0.01, "f1_macro": 0.02}
-    return metrics
 
 
-def test_scores() -> None:
-    pairs = pd.DataFrame({"actual": [0, 0, 1, 1], "predicted": [0, 1, 1, 1]})
-    # class 0: P=1, R=0.5, F1=2/3; class 1: P=2/3, R=1, F1=0.8
-    assert scores(pairs) == {"accuracy": 0.75, "f1_macro": round((2 / 3 + 0.8) / 2, 6)}
-
-
-def test_scores_of_string_labels() -> None:
-    pairs = pd.DataFrame({"actual": ["a", "b", "c"], "predicted": ["a", "b", "c"]})
-    assert scores(pairs) == {"accuracy": 1.0, "f1_macro": 1.0}
-
-
-def test_predictions_are_class_labels() -> None:
-    """A hand-wired net: class = the larger of two inputs."""
+def _hand_wired() -> tuple[Classifier, ModelConfig]:
+    """class = the larger of two inputs (logits = inputs, after a ReLU)."""
     config = ModelConfig(
         arch="mlp",
         n_features=2,
@@ -82,15 +83,25 @@ def test_predictions_are_class_labels() -> None:
         model.body[0].bias.zero_()
         model.head.weight.copy_(torch.eye(2))
         model.head.bias.zero_()
+    return model, config
+
+
+def test_score_model_gives_labels_and_probabilities() -> None:
+    model, config = _hand_wired()
     frame = pd.DataFrame(
-        {"f0": [3.0, 0.0, 1.0], "f1": [1.0, 2.0, 0.5], "label": ["cat", "cat", "dog"]}
+        {"f0": [3.0, 0.0, 1.0], "f1": [1.0, 2.0, 1.0 + np.log(3)], "label": ["cat", "cat", "dog"]}
     )
-    pairs = predictions(model, config, frame)
-    assert pairs.to_dict("list") == {
+    scored = score_model(model, config, frame)
+    assert scored.pairs.to_dict("list") == {
         "actual": ["cat", "cat", "dog"],
-        "predicted": ["cat", "dog", "cat"],
+        "predicted": ["cat", "dog", "dog"],
     }
-    assert scores(pairs)["accuracy"] == pytest.approx(1 / 3, abs=1e-6)
+    assert scored.classes == ["cat", "dog"]
+    # softmax of logits (3, 1), (0, 2), (1, 1 + ln 3): e^2 / (e^2 + 1), ..., 3 / (1 + 3)
+    e2 = np.exp(2.0)
+    expected = [[e2 / (e2 + 1), 1 / (e2 + 1)], [1 / (1 + e2), e2 / (1 + e2)], [0.25, 0.75]]
+    np.testing.assert_allclose(scored.proba, expected, rtol=1e-6)
+    assert predictions(model, config, frame).equals(scored.pairs)
 
 
 def test_train_scratch_uses_the_shots_only() -> None:
@@ -130,9 +141,10 @@ def test_train_scratch_is_seeded_by_its_options() -> None:
 
 def test_classical_baseline() -> None:
     shots, test = _frame(5, seed=3, labels=("a", "b", "c")), _frame(20, seed=5, labels="abc")
-    result = classical_baseline(shots, test, FEATURES)
-    assert set(result) == {"accuracy", "f1_macro"}
-    assert result["accuracy"] >= 0.9
+    pairs = classical_baseline(shots, test, FEATURES)
+    assert pairs["actual"].tolist() == test["label"].tolist()
+    assert set(pairs["predicted"]) <= {"a", "b", "c"}
+    assert scores(pairs)["accuracy"] >= 0.9
 
 
 def test_no_failed_gates() -> None:
@@ -140,7 +152,7 @@ def test_no_failed_gates() -> None:
 
 
 def test_gates_at_the_limit_pass() -> None:
-    params = EvaluateParams(min_base_accuracy=0.95, min_transfer_gain=0.1)
+    params = EvaluateParams(min_base_accuracy=0.95, min_transfer_gain=0.1, min_class_recall=0.7)
     assert failed_gates(_metrics(base=0.95, finetuned=0.9, scratch=0.8), params) == []
 
 
@@ -152,18 +164,33 @@ def test_base_accuracy_gate() -> None:
 def test_transfer_gain_gate() -> None:
     failures = failed_gates(_metrics(finetuned=0.8, scratch=0.82), EvaluateParams())
     assert failures == [
-        "evaluate.min_transfer_gain: finetuned - scratch accuracy, mean over 1 draws, "
-        "-0.0200 < 0.03"
+        "evaluate.min_transfer_gain: transfer.gain_mean (finetuned - scratch accuracy, mean over "
+        "1 draws) -0.0200 < 0.03"
+    ]
+
+
+def test_class_recall_gate_is_off_by_default() -> None:
+    metrics = _metrics(worst=("7", 0.1))
+    assert failed_gates(metrics, EvaluateParams()) == []
+    off = [g for g in gates(metrics, EvaluateParams()) if g.key == "min_class_recall"]
+    assert off[0].threshold is None and off[0].passed
+
+
+def test_class_recall_gate() -> None:
+    failures = failed_gates(_metrics(worst=("7", 0.6)), EvaluateParams(min_class_recall=0.75))
+    assert failures == [
+        "evaluate.min_class_recall: finetuned.worst_class_recall (class 7) 0.6000 < 0.75"
     ]
 
 
 def test_transfer_gate_reads_the_mean_over_draws() -> None:
-    draws = [
-        {"finetuned": {"accuracy": 0.90}, "scratch": {"accuracy": 0.89}},  # one unlucky draw
-        {"finetuned": {"accuracy": 0.92}, "scratch": {"accuracy": 0.80}},
-    ]
-    summary = summarize_draws(draws)
-    assert summary == {
+    # one unlucky draw (+0.01), one good one (+0.12)
+    summary = summarize_draws([0.90, 0.92], [0.89, 0.80])
+    # t(0.975, df 1) = 12.706205: mean 0.065 -+ 12.706205 * sd 0.0777817 / sqrt(2)
+    half = 12.706205 * 0.0777817 / np.sqrt(2)
+    assert summary["gain_ci95_low"] == pytest.approx(0.065 - half, abs=1e-5)
+    assert summary["gain_ci95_high"] == pytest.approx(0.065 + half, abs=1e-5)
+    assert {k: v for k, v in summary.items() if "ci95" not in k} == {
         "draws": 2,
         "finetuned_mean": 0.91,
         "scratch_mean": 0.845,
@@ -175,43 +202,64 @@ def test_transfer_gate_reads_the_mean_over_draws() -> None:
     assert len(failed_gates(metrics, EvaluateParams(min_transfer_gain=0.07))) == 1
 
 
-def test_both_gates_fail() -> None:
-    failures = failed_gates(_metrics(base=0.5, finetuned=0.5, scratch=0.5), EvaluateParams())
+def test_a_single_draw_has_no_interval() -> None:
+    summary = summarize_draws([0.9], [0.8])
+    assert summary["gain_ci95_low"] is None and summary["gain_ci95_high"] is None
+
+
+def test_every_failed_gate_is_one_line() -> None:
+    params = EvaluateParams(min_class_recall=0.9)
+    failures = failed_gates(_metrics(base=0.5, finetuned=0.5, scratch=0.5), params)
     assert [f.split(":")[0] for f in failures] == [
         "evaluate.min_base_accuracy",
         "evaluate.min_transfer_gain",
+        "evaluate.min_class_recall",
     ]
+    assert all("\n" not in f for f in failures)
 
 
-def test_render_report_passed() -> None:
-    report = render_report(_metrics(), shots_per_class=5, failures=[])
-    lines = report.splitlines()
-    assert lines[0] == "# Evaluation"
-    assert "| model | trained as | scored on | accuracy | macro F1 |" in lines
-    target = "target-domain test"
-    assert "| base | base model | base-domain test | 0.9500 | 0.9400 |" in lines
-    assert f"| finetuned | fine-tuned on 5 shots/class | {target} | 0.9000 | 0.8900 |" in lines
-    assert f"| zero_shot | base model, no adaptation | {target} | 0.0100 | 0.0200 |" in lines
-    sklearn = f"| sklearn | logistic regression on the same shots | {target} |"
-    assert f"{sklearn} 0.8500 | 0.8400 |" in lines
-    assert "Transfer gain (finetuned - scratch, same shots): +0.1000" in lines
-    assert (
-        "Over 1 draws of the shots: fine-tuned 0.9000, scratch 0.8000, gain +0.1000 "
-        "(worst draw +0.1000)." in lines
+def _scored(pairs: pd.DataFrame, classes: list) -> Scored:
+    proba = np.full((len(pairs), len(classes)), 0.1)
+    proba[np.arange(len(pairs)), [classes.index(p) for p in pairs["predicted"]]] = 0.8
+    return Scored(pairs=pairs, proba=proba / proba.sum(axis=1, keepdims=True), classes=classes)
+
+
+def test_evaluation_metrics_blocks() -> None:
+    rng = np.random.default_rng(0)
+    actual = np.repeat([0, 1, 2], 20)
+
+    def noisy(accuracy: float) -> pd.DataFrame:
+        predicted = np.where(rng.random(60) < accuracy, actual, (actual + 1) % 3)
+        return pd.DataFrame({"actual": actual, "predicted": predicted})
+
+    tuned, scratch = noisy(0.9), noisy(0.7)
+    draws = [Draw(42, tuned, scratch), Draw(43, noisy(0.9), noisy(0.8))]
+    params = EvaluateParams(bootstrap_resamples=300, bootstrap_seed=1)
+    metrics = evaluation_metrics(
+        base=_scored(noisy(0.95), [0, 1, 2]),
+        finetuned=_scored(tuned, [0, 1, 2]),
+        draws=draws,
+        sklearn=noisy(0.8),
+        zero_shot=None,
+        params=params,
     )
-    assert lines[-1] == "Gates: all passed."
-    assert report.endswith("\n")
-    assert render_report(_metrics(), 5, []) == report
-
-
-def test_render_report_failed_and_missing_rows() -> None:
-    failures = ["evaluate.min_transfer_gain: too small", "another"]
-    report = render_report(_metrics(zero_shot=False), shots_per_class=1, failures=failures)
-    lines = report.splitlines()
-    assert "| zero_shot | base model, no adaptation | target-domain test | n/a | n/a |" in lines
-    scratch = "| scratch | same net from scratch on the 1 shots | target-domain test |"
-    assert f"{scratch} 0.8000 | 0.7900 |" in lines
-    assert lines[-3:] == ["Gates failed:", "- evaluate.min_transfer_gain: too small", "- another"]
+    assert set(metrics) == {"base", "finetuned", "scratch", "sklearn", "transfer_gain", "transfer"}
+    for key in ("base", "finetuned"):
+        assert set(metrics[key]) == COMMON | INTERVALS | DETAILED
+    for key in ("scratch", "sklearn"):
+        assert set(metrics[key]) == COMMON | INTERVALS
+    assert metrics["scratch"]["accuracy"] == scores(scratch)["accuracy"]
+    gain = scores(tuned)["accuracy"] - scores(scratch)["accuracy"]
+    assert metrics["transfer_gain"] == round(gain, 6)
+    assert metrics["transfer"]["draws"] == 2
+    block = metrics["finetuned"]
+    assert block["accuracy_ci95_low"] < block["accuracy"] < block["accuracy_ci95_high"]
+    # Same seed, same rows: the same resamples, so a model's interval is reproducible
+    again = evaluation_metrics(
+        _scored(noisy(0.95), [0, 1, 2]), _scored(tuned, [0, 1, 2]), draws, noisy(0.8), None, params
+    )
+    assert again["finetuned"] == metrics["finetuned"]
+    assert again["scratch"] == metrics["scratch"]
 
 
 def test_compare_on_draws_scores_the_shipped_model_then_retrains() -> None:
@@ -244,10 +292,12 @@ def test_compare_on_draws_scores_the_shipped_model_then_retrains() -> None:
 
     draws = compare_on_draws(base, base_config, (shipped, shipped_config), target, params)
 
-    assert [d["seed"] for d in draws] == [7, 8, 9]
-    assert draws[0]["finetuned"] == scores(predictions(shipped, shipped_config, target["test"]))
+    assert [d.seed for d in draws] == [7, 8, 9]
+    shipped_pairs = predictions(shipped, shipped_config, target["test"])
+    assert draws[0].finetuned.equals(shipped_pairs)
     # Each draw samples its own shots: fine-tune and scratch of draw i both train on the shots of
-    # seed 7 + i, and no two draws share the same shots.
+    # seed 7 + i (the recipe run by hand gives the same predictions), and no two draws share
+    # the same shots.
     drawn = [sample_shots(target["train"], 3, seed) for seed in (7, 8, 9)]
     as_rows = [set(map(tuple, d[FEATURES].to_numpy().round(6).tolist())) for d in drawn]
     assert as_rows[0] != as_rows[1] and as_rows[1] != as_rows[2] and as_rows[0] != as_rows[2]
@@ -255,17 +305,60 @@ def test_compare_on_draws_scores_the_shipped_model_then_retrains() -> None:
         scratch, scratch_config = train_scratch(
             shots_i, target["val"], shipped_config, "per_feature", few_shot_options(params, seed)
         )
-        assert draw["scratch"] == scores(predictions(scratch, scratch_config, target["test"]))
+        assert draw.scratch.equals(predictions(scratch, scratch_config, target["test"]))
         if seed != 7:
             tuned, tuned_config, _ = fine_tune(
                 base, base_config, shots_i, target["val"], params, seed
             )
-            assert draw["finetuned"] == scores(predictions(tuned, tuned_config, target["test"]))
+            assert draw.finetuned.equals(predictions(tuned, tuned_config, target["test"]))
+        for pairs in (draw.finetuned, draw.scratch):
+            assert pairs["actual"].tolist() == target["test"]["label"].tolist()
     again = compare_on_draws(base, base_config, (shipped, shipped_config), target, params)
-    assert again == draws  # seeded: the same draws and scores
+    for first, second in zip(draws, again, strict=True):  # seeded: the same predictions
+        assert first.finetuned.equals(second.finetuned) and first.scratch.equals(second.scratch)
 
 
 def _tensors(frame: pd.DataFrame, config: ModelConfig):
     from stages.core.model import encode
 
     return encode(frame, config)
+
+
+def test_mlflow_classifier_evaluation_of_two_text_classes(mlflow_client) -> None:
+    """MLflow's evaluation, with our ROC AUC and log loss, of a model with text labels."""
+    from conftest import TEST_EXPERIMENT
+
+    from stages.core.metrics import probability_scores
+    from stages.core.tracking import stage_run
+
+    model, config = _hand_wired()
+    rng = np.random.default_rng(0)
+    test = pd.DataFrame({"f0": rng.normal(1, 1, 40), "f1": rng.normal(1, 1, 40)})
+    test["label"] = np.where(test["f0"] + rng.normal(0, 0.5, 40) > test["f1"], "cat", "dog")
+    scored = score_model(model, config, test)
+    ours = scores(scored.pairs) | probability_scores(
+        test["label"].to_numpy(), scored.proba, config.classes
+    )
+    with stage_run("evaluate", TEST_EXPERIMENT, {}) as run:
+        found = run.call(
+            _evaluate_in_run,
+            label_predictor(model, config),
+            test,
+            config.feature_names,
+            scored.proba,
+            config.classes,
+        )
+    assert 0.6 < ours["accuracy"] < 1  # informative, not perfect
+    assert found["accuracy_score"] == pytest.approx(ours["accuracy"], abs=1e-6)
+    assert found["roc_auc"] == ours["roc_auc_ovr"]
+    assert found["log_loss"] == pytest.approx(ours["log_loss"], abs=1e-6)
+    logged = mlflow_client.get_run(run.id)
+    assert logged.data.metrics["roc_auc"] == ours["roc_auc_ovr"]
+    artifacts = {a.path for a in mlflow_client.list_artifacts(run.id)}
+    assert "confusion_matrix.png" in artifacts
+
+
+def _evaluate_in_run(recorder, *args):
+    """What stages.core.registry.evaluate_registered does, with a callable model."""
+    recorder.activate()
+    return log_classifier_evaluation(*args)

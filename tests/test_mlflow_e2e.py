@@ -207,9 +207,13 @@ def test_queued_experiments_each_get_a_parent(pipeline_repo: Path, pipeline_env:
     client = client_for(pipeline_repo)
     queued = parents(client)[1:]
     assert sorted(p.data.params["evaluate.draws"] for p in queued) == ["1", "2", "3"]
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    by_parent = {v.tags.get("parent_run_id"): int(v.version) for v in versions}
+    assert sorted(by_parent.values()) == [1, 2, 3, 4]
     for parent in queued:
         assert sorted(children(client, parent)) == ["evaluate"]
         assert parent.data.metrics["transfer.draws"] == float(parent.data.params["evaluate.draws"])
+        assert by_parent[parent.info.run_id] in (2, 3, 4)  # registered in the repo's store
 
 
 def test_a_stage_run_by_hand_logs_a_standalone_run(pipeline_repo: Path, pipeline_env) -> None:

@@ -35,6 +35,8 @@ def test_defaults_match_the_documented_shape(params: Params) -> None:
     assert params.train.patience == 10
     assert params.finetune.strategy == "head"
     assert params.evaluate.min_transfer_gain == 0.03
+    assert params.evaluate.min_class_recall is None  # the gate is off unless set
+    assert (params.evaluate.bootstrap_resamples, params.evaluate.bootstrap_seed) == (2000, 42)
 
 
 def test_section_is_plain_data_keyed_as_in_params_yaml(params: Params) -> None:
@@ -94,6 +96,8 @@ def test_validate_section_reads_from_its_yaml_name() -> None:
         ({"data": {"target_fraction": 1.0}}, "data.target_fraction: "),
         ({"data": {"target_transform": "blur"}}, "data.target_transform: "),
         ({"evaluate": {"min_base_accuracy": 1.2}}, "evaluate.min_base_accuracy: "),
+        ({"evaluate": {"min_class_recall": -0.1}}, "evaluate.min_class_recall: "),
+        ({"evaluate": {"bootstrap_resamples": 10}}, "evaluate.bootstrap_resamples: "),
         ({"tracking": {"experiment": ""}}, "tracking.experiment: "),
     ],
 )

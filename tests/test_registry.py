@@ -106,18 +106,19 @@ def test_champion_moves_only_for_a_better_model_that_passed(logged_uri: str) -> 
             a: client.get_model_version_by_alias(name, a).version for a in (CANDIDATE, CHAMPION)
         }
 
-    line = register_candidate(client, name, logged_uri, 0.80, [], {"git.commit": "abc"})
+    line, version = register_candidate(client, name, logged_uri, 0.80, [], {"git.commit": "abc"})
+    assert version == 1
     assert (
         line == f"registered {name} version 1 as candidate and champion (finetuned.accuracy 0.8000)"
     )
     assert aliases() == {CANDIDATE: 1, CHAMPION: 1}
 
-    line = register_candidate(client, name, logged_uri, 0.70, [], {})
+    line, _ = register_candidate(client, name, logged_uri, 0.70, [], {})
     assert aliases() == {CANDIDATE: 2, CHAMPION: 1}
     assert line.endswith("champion stays at version 1 (finetuned.accuracy 0.8000 >= 0.7000)")
 
     failed = ["evaluate.min_transfer_gain: finetuned - scratch 0.0100 < 0.03"]
-    line = register_candidate(client, name, logged_uri, 0.95, failed, {})
+    line, _ = register_candidate(client, name, logged_uri, 0.95, failed, {})
     assert aliases() == {CANDIDATE: 3, CHAMPION: 1}  # a failed gate never promotes
     assert line.endswith("gates failed, champion stays")
     assert client.get_model_version(name, "3").tags["gates"] == f"failed: {failed[0]}"

@@ -17,6 +17,7 @@ from stages.core.training import (
     fit_summary,
     history_rows,
     predict,
+    predict_proba,
 )
 
 
@@ -146,6 +147,21 @@ def test_evaluate_loss_and_predict(model, blobs) -> None:
     assert torch.equal(predicted, logits.argmax(dim=1))
     assert accuracy == pytest.approx(float((predicted == y).float().mean()))
     assert model.training is False
+
+
+def test_predict_proba_is_the_softmax_of_the_logits(model, blobs) -> None:
+    _, (x, _) = blobs
+    model.train()
+    proba = predict_proba(model, x)
+    assert model.training is False
+    with torch.no_grad():
+        logits = model(x)
+    # By hand: exp(logit) / sum of exp(logits), row by row.
+    by_hand = torch.exp(logits.double()) / torch.exp(logits.double()).sum(dim=1, keepdim=True)
+    assert proba.dtype == torch.float64 and proba.shape == (len(x), 3)
+    assert torch.allclose(proba, by_hand, rtol=1e-12, atol=0)
+    assert torch.allclose(proba.sum(dim=1), torch.ones(len(x), dtype=torch.float64))
+    assert torch.equal(predict(model, x), proba.argmax(dim=1))
 
 
 def test_evaluate_loss_of_nothing_is_nan(model) -> None:

@@ -9,9 +9,13 @@ from stages.core.errors import PipelineError
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
-    """Run a stage's ``main``; a PipelineError prints ``<name>: error: ...`` and exits 1."""
+    """Run a stage's ``main``; a PipelineError prints ``<name>: error: ...`` and exits 1.
+
+    An error of several lines (several failed gates) prints each with that prefix.
+    """
     try:
         main()
     except PipelineError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:
+            print(f"{name}: error: {line}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -1,34 +1,56 @@
-"""Evaluation: scores of each model, the from-scratch and classical baselines, the gates."""
+"""Evaluation: each model scored on its test split, the from-scratch and classical baselines
+over shot draws, the metrics file's blocks, the gates, and MLflow's classifier evaluation."""
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 import torch
 
+from stages.core import layout
 from stages.core.data import LABEL
 from stages.core.finetuning import few_shot_options, fine_tune, sample_shots
+from stages.core.metrics import (
+    bootstrap_intervals,
+    detailed_scores,
+    mean_interval,
+    micro_curves,
+    roc_auc_ovr,
+    scores,
+)
 from stages.core.model import Classifier, ModelConfig, encode, fit_scaling
 from stages.core.params import EvaluateParams, Params
-from stages.core.training import FitOptions, fit, predict
+from stages.core.training import FitOptions, fit, predict_proba
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A model's predictions on a split: ``pairs`` (``actual``, ``predicted`` labels per row)
+    and ``proba`` (class probabilities, one column per class of ``classes``, in that order)."""
+
+    pairs: pd.DataFrame
+    proba: np.ndarray
+    classes: list
+
+
+def score_model(model: Classifier, config: ModelConfig, frame: pd.DataFrame) -> Scored:
+    """Predicted labels and class probabilities of ``model`` on ``frame``, from one forward pass."""
+    x, _ = encode(frame, config)
+    proba = predict_proba(model, x).numpy()
+    predicted = np.asarray(config.classes, dtype=object)[proba.argmax(axis=1)]
+    pairs = pd.DataFrame({"actual": frame[LABEL].to_numpy(), "predicted": predicted.tolist()})
+    return Scored(pairs=pairs, proba=proba, classes=list(config.classes))
 
 
 def predictions(model: Classifier, config: ModelConfig, frame: pd.DataFrame) -> pd.DataFrame:
     """``actual`` and ``predicted`` class labels of ``model`` on ``frame``."""
-    x, _ = encode(frame, config)
-    predicted = predict(model, x).numpy()
-    return pd.DataFrame(
-        {"actual": frame[LABEL].to_numpy(), "predicted": [config.classes[i] for i in predicted]}
-    )
-
-
-def scores(pairs: pd.DataFrame) -> dict:
-    """Accuracy and macro F1 of (actual, predicted) pairs."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    return {
-        "accuracy": round(float(accuracy_score(pairs.actual, pairs.predicted)), 6),
-        "f1_macro": round(float(f1_score(pairs.actual, pairs.predicted, average="macro")), 6),
-    }
+    return score_model(model, config, frame).pairs
 
 
 def train_scratch(
@@ -48,8 +70,10 @@ def train_scratch(
     return model, config
 
 
-def classical_baseline(shots: pd.DataFrame, test: pd.DataFrame, features: list[str]) -> dict:
-    """Scaled logistic regression on the same shots, scored on ``test``."""
+def classical_baseline(
+    shots: pd.DataFrame, test: pd.DataFrame, features: list[str]
+) -> pd.DataFrame:
+    """Predictions on ``test`` of a scaled logistic regression fitted on the same shots."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -57,7 +81,17 @@ def classical_baseline(shots: pd.DataFrame, test: pd.DataFrame, features: list[s
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     classifier.fit(shots[features].to_numpy(), shots[LABEL].to_numpy())
     predicted = classifier.predict(test[features].to_numpy())
-    return scores(pd.DataFrame({"actual": test[LABEL].to_numpy(), "predicted": predicted}))
+    return pd.DataFrame({"actual": test[LABEL].to_numpy(), "predicted": predicted})
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One draw of the shots: its seed and the test predictions of the model fine-tuned on it
+    and of the same network trained from scratch on it."""
+
+    seed: int
+    finetuned: pd.DataFrame
+    scratch: pd.DataFrame
 
 
 def compare_on_draws(
@@ -66,7 +100,7 @@ def compare_on_draws(
     shipped: tuple[Classifier, ModelConfig],
     target: dict[str, pd.DataFrame],
     params: Params,
-) -> list[dict]:
+) -> list[Draw]:
     """Fine-tuning vs training from scratch, on the same shots, for ``evaluate.draws`` draws.
 
     Draw ``i`` samples its shots from ``target["train"]`` with seed ``finetune.seed + i``;
@@ -88,77 +122,189 @@ def compare_on_draws(
             shots, target["val"], tuned_config, params.model.scaling, few_shot_options(params, seed)
         )
         draws.append(
-            {
-                "seed": seed,
-                "finetuned": scores(predictions(tuned, tuned_config, target["test"])),
-                "scratch": scores(predictions(scratch, scratch_config, target["test"])),
-            }
+            Draw(
+                seed=seed,
+                finetuned=predictions(tuned, tuned_config, target["test"]),
+                scratch=predictions(scratch, scratch_config, target["test"]),
+            )
         )
     return draws
 
 
-def summarize_draws(draws: list[dict]) -> dict:
-    """Mean and worst transfer gain (fine-tuned minus scratch accuracy) over the draws."""
-    finetuned = [d["finetuned"]["accuracy"] for d in draws]
-    scratch = [d["scratch"]["accuracy"] for d in draws]
+def summarize_draws(finetuned: list[float], scratch: list[float]) -> dict:
+    """Transfer gain (fine-tuned minus scratch accuracy) over the draws: the means, the worst
+    draw, and a 95% t-interval for the mean gain (null with a single draw)."""
     gains = [f - s for f, s in zip(finetuned, scratch, strict=True)]
+    low, high = mean_interval(gains)
     return {
-        "draws": len(draws),
-        "finetuned_mean": round(sum(finetuned) / len(draws), 6),
-        "scratch_mean": round(sum(scratch) / len(draws), 6),
-        "gain_mean": round(sum(gains) / len(draws), 6),
+        "draws": len(gains),
+        "finetuned_mean": round(sum(finetuned) / len(gains), 6),
+        "scratch_mean": round(sum(scratch) / len(gains), 6),
+        "gain_mean": round(sum(gains) / len(gains), 6),
         "gain_min": round(min(gains), 6),
+        "gain_ci95_low": low,
+        "gain_ci95_high": high,
     }
+
+
+def evaluation_metrics(
+    base: Scored,
+    finetuned: Scored,
+    draws: list[Draw],
+    sklearn: pd.DataFrame,
+    zero_shot: pd.DataFrame | None,
+    params: EvaluateParams,
+) -> dict:
+    """The content of metrics/evaluate.json: one block per model, the transfer gain on the
+    shipped draw and its summary over all draws.
+
+    Every block holds :func:`scores` and bootstrap intervals of accuracy, recall_macro and
+    f1_macro (seeded, the same resamples for models scored on the same rows); ``base`` and
+    ``finetuned`` add the per-class and probability figures of :func:`detailed_scores`.
+    """
+
+    def block(pairs: pd.DataFrame) -> dict:
+        return scores(pairs) | bootstrap_intervals(
+            pairs, params.bootstrap_resamples, params.bootstrap_seed
+        )
+
+    def detailed(scored: Scored) -> dict:
+        return block(scored.pairs) | detailed_scores(scored.pairs, scored.proba, scored.classes)
+
+    draw_scores = [(scores(d.finetuned)["accuracy"], scores(d.scratch)["accuracy"]) for d in draws]
+    metrics = {
+        "base": detailed(base),
+        "finetuned": detailed(finetuned),
+        "scratch": block(draws[0].scratch),
+        "sklearn": block(sklearn),
+        "transfer_gain": round(draw_scores[0][0] - draw_scores[0][1], 6),
+        "transfer": summarize_draws([f for f, _ in draw_scores], [s for _, s in draw_scores]),
+    }
+    if zero_shot is not None:
+        metrics["zero_shot"] = block(zero_shot)
+    return metrics
+
+
+def plot_files(finetuned: Scored, per_class: dict[str, dict]) -> dict[Path, pd.DataFrame]:
+    """The data of the DVC plots, by path: the fine-tuned model's test predictions (confusion),
+    its micro-averaged ROC and precision-recall curves, and each model's per-class scores."""
+    roc, precision_recall = micro_curves(
+        finetuned.pairs["actual"].to_numpy(), finetuned.proba, finetuned.classes
+    )
+    files = {
+        layout.CONFUSION_PLOT: finetuned.pairs,
+        layout.ROC_PLOT: roc,
+        layout.PRECISION_RECALL_PLOT: precision_recall,
+    }
+    for model, rows in per_class.items():
+        frame = pd.DataFrame.from_dict(rows, orient="index").rename_axis("class").reset_index()
+        files[layout.PER_CLASS_PLOTS / f"{model}.csv"] = frame
+    return files
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One quality gate: the param that sets it, the metric it reads, and the outcome."""
+
+    key: str
+    metric: str
+    value: float
+    threshold: float | None  # None: the gate is off
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.threshold is None or self.value >= self.threshold
+
+    def failure(self) -> str:
+        """The one line a failed gate prints: param, metric, value and threshold."""
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"evaluate.{self.key}: {self.metric}{detail} {self.value:.4f} < {self.threshold}"
+
+
+def gates(metrics: dict, params: EvaluateParams) -> list[Gate]:
+    """Every gate, in a fixed order, with the value it reads."""
+    transfer, tuned = metrics["transfer"], metrics["finetuned"]
+    return [
+        Gate("min_base_accuracy", "base.accuracy", metrics["base"]["accuracy"],
+             params.min_base_accuracy),
+        Gate("min_transfer_gain", "transfer.gain_mean", transfer["gain_mean"],
+             params.min_transfer_gain,
+             f"finetuned - scratch accuracy, mean over {transfer['draws']} draws"),
+        Gate("min_class_recall", "finetuned.worst_class_recall", tuned["worst_class_recall"],
+             params.min_class_recall, f"class {tuned['worst_class']}"),
+    ]  # fmt: skip
 
 
 def failed_gates(metrics: dict, params: EvaluateParams) -> list[str]:
     """One line per gate the metrics miss."""
-    failures = []
-    if metrics["base"]["accuracy"] < params.min_base_accuracy:
-        failures.append(
-            f"evaluate.min_base_accuracy: base.accuracy {metrics['base']['accuracy']:.4f} "
-            f"< {params.min_base_accuracy}"
-        )
-    transfer = metrics["transfer"]
-    if transfer["gain_mean"] < params.min_transfer_gain:
-        failures.append(
-            f"evaluate.min_transfer_gain: finetuned - scratch accuracy, mean over "
-            f"{transfer['draws']} draws, {transfer['gain_mean']:+.4f} < {params.min_transfer_gain}"
-        )
-    return failures
+    return [gate.failure() for gate in gates(metrics, params) if not gate.passed]
 
 
-def render_report(metrics: dict, shots_per_class: int, failures: list[str]) -> str:
-    """A short Markdown summary of the evaluation."""
-    rows = [
-        ("base", "base model", "base-domain test"),
-        ("zero_shot", "base model, no adaptation", "target-domain test"),
-        ("finetuned", f"fine-tuned on {shots_per_class} shots/class", "target-domain test"),
-        ("scratch", f"same net from scratch on the {shots_per_class} shots", "target-domain test"),
-        ("sklearn", "logistic regression on the same shots", "target-domain test"),
+def log_classifier_evaluation(
+    model: Callable[[pd.DataFrame], np.ndarray] | str,
+    test: pd.DataFrame,
+    features: list[str],
+    proba: np.ndarray,
+    classes: list,
+) -> dict[str, float]:
+    """``mlflow.models.evaluate`` (classifier) of ``model`` on ``test``, into the active run.
+
+    ``model`` is what MLflow accepts: a callable from a feature frame to labels, or a model
+    URI. MLflow computes no ROC AUC or log loss for a model that is not scikit-learn's, so
+    ``roc_auc`` (one-vs-rest) and ``log_loss`` come as extra metrics from ``proba``, the
+    model's class probabilities for the rows of ``test`` (columns in ``classes`` order).
+    Explainability (SHAP) is off. Returns MLflow's metrics.
+    """
+    import mlflow
+    from sklearn.metrics import log_loss
+
+    def rows(targets: pd.Series) -> np.ndarray:
+        # MLflow hands metrics the targets by row position (and first tries a single row).
+        return proba[targets.index.to_numpy()]
+
+    def roc_auc(targets: pd.Series) -> float:
+        area = roc_auc_ovr(targets.to_numpy(), rows(targets), classes)
+        return float("nan") if area is None else area  # None on MLflow's one-row trial
+
+    def cross_entropy(targets: pd.Series) -> float:
+        return float(log_loss(targets, rows(targets), labels=classes))
+
+    extra = [
+        mlflow.models.make_metric(eval_fn=roc_auc, greater_is_better=True, name="roc_auc"),
+        mlflow.models.make_metric(eval_fn=cross_entropy, greater_is_better=False, name="log_loss"),
     ]
-    lines = [
-        "# Evaluation",
-        "",
-        "| model | trained as | scored on | accuracy | macro F1 |",
-        "|---|---|---|---|---|",
-    ]
-    for key, what, where in rows:
-        found = metrics.get(key, {})
-        acc = f"{found['accuracy']:.4f}" if "accuracy" in found else "n/a"
-        f1 = f"{found['f1_macro']:.4f}" if "f1_macro" in found else "n/a"
-        lines.append(f"| {key} | {what} | {where} | {acc} | {f1} |")
-    transfer = metrics["transfer"]
-    lines += [
-        "",
-        f"Transfer gain (finetuned - scratch, same shots): {metrics['transfer_gain']:+.4f}",
-        "",
-        f"Over {transfer['draws']} draws of the shots: "
-        f"fine-tuned {transfer['finetuned_mean']:.4f}, scratch {transfer['scratch_mean']:.4f}, "
-        f"gain {transfer['gain_mean']:+.4f} "
-        f"(worst draw {transfer['gain_min']:+.4f}).",
-        "",
-    ]
-    lines += ["Gates: all passed." if not failures else "Gates failed:"]
-    lines += [f"- {failure}" for failure in failures]
-    return "\n".join(lines) + "\n"
+    chatty = logging.getLogger("mlflow.models.evaluation")
+    level = chatty.level
+    # Its INFO lines, and a warning that integer labels "look like" no model type, are noise
+    # on every run; a failure still raises.
+    chatty.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+            result = mlflow.models.evaluate(
+                model,
+                test[[*features, LABEL]].reset_index(drop=True),
+                targets=LABEL,
+                feature_names=features,
+                model_type="classifier",
+                evaluator_config={
+                    "log_model_explainability": False,
+                    "label_list": classes,
+                    "average": "macro",
+                },
+                extra_metrics=extra,
+            )
+    finally:
+        chatty.setLevel(level)
+    return dict(result.metrics)
+
+
+def label_predictor(model: Classifier, config: ModelConfig) -> Callable[[pd.DataFrame], np.ndarray]:
+    """``model`` as MLflow's callable form: a frame of raw feature columns -> class labels."""
+
+    def predict_labels(frame: pd.DataFrame) -> np.ndarray:
+        x = torch.tensor(frame[config.feature_names].to_numpy(np.float32))
+        return np.asarray(config.classes)[predict_proba(model, x).argmax(dim=1).numpy()]
+
+    return predict_labels

@@ -15,7 +15,11 @@ EVALUATE_METRICS = Path("metrics/evaluate.json")
 TRAIN_PLOT = Path("plots/train.csv")
 FINETUNE_PLOT = Path("plots/finetune.csv")
 CONFUSION_PLOT = Path("plots/confusion.csv")
+ROC_PLOT = Path("plots/roc.csv")
+PRECISION_RECALL_PLOT = Path("plots/precision_recall.csv")
+PER_CLASS_PLOTS = Path("plots/per_class")  # <model>.csv: class, precision, recall, f1, support
 EVALUATION_REPORT = Path("reports/evaluation.md")
+FIGURES = Path("reports/figures")
 
 
 def split_path(role: str, part: str) -> Path:

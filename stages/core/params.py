@@ -100,7 +100,10 @@ class FinetuneParams(_Section):
 class EvaluateParams(_Section):
     min_base_accuracy: float = Field(0.93, ge=0, le=1)
     min_transfer_gain: float = Field(0.03, ge=-1, le=1)
+    min_class_recall: float | None = Field(None, ge=0, le=1)
     draws: int = Field(5, ge=1)
+    bootstrap_resamples: int = Field(2000, ge=100)
+    bootstrap_seed: int = 42
 
 
 class TrackingParams(_Section):

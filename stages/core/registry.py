@@ -25,17 +25,26 @@ def register_candidate(
     accuracy: float,
     failures: list[str],
     tags: dict[str, Any],
-) -> str:
+) -> tuple[str, int]:
     """Register ``model_uri`` under ``name`` and move the aliases; returns one line saying what
-    happened. ``failures`` are the failed gates (empty: all passed)."""
-    import mlflow
+    happened, and the new version. ``failures`` are the failed gates (empty: all passed)."""
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
     version_tags = tags | {
         ACCURACY_TAG: f"{accuracy:.6f}",
         "gates": "passed" if not failures else "failed: " + "; ".join(failures),
     }
-    version = mlflow.register_model(model_uri, name, tags=version_tags).version
+    # Through this client (the stage's store), not mlflow.register_model, which writes to the
+    # process's default store and prints to stderr.
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:  # registered by an earlier (or a parallel) execution
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    created = client.create_model_version(name, model_uri, tags=version_tags, model_id=model_id)
+    version = int(created.version)
     client.set_registered_model_alias(name, CANDIDATE, version)
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
@@ -43,16 +52,14 @@ def register_candidate(
         champion = None
     line = f"registered {name} version {version} as {CANDIDATE}"
     if failures:
-        return f"{line}; gates failed, {CHAMPION} stays"
+        return f"{line}; gates failed, {CHAMPION} stays", version
     if champion is not None:
         best = float(champion.tags.get(ACCURACY_TAG, "-inf"))
         if accuracy <= best:
-            return (
-                f"{line}; {CHAMPION} stays at version {champion.version} "
-                f"({ACCURACY_TAG} {best:.4f} >= {accuracy:.4f})"
-            )
+            stays = f"{CHAMPION} stays at version {champion.version}"
+            return f"{line}; {stays} ({ACCURACY_TAG} {best:.4f} >= {accuracy:.4f})", version
     client.set_registered_model_alias(name, CHAMPION, version)
-    return f"{line} and {CHAMPION} ({ACCURACY_TAG} {accuracy:.4f})"
+    return f"{line} and {CHAMPION} ({ACCURACY_TAG} {accuracy:.4f})", version
 
 
 def log_model(recorder, model_dir: str, example_path: str) -> str:
@@ -85,6 +92,21 @@ def register(
         model_uri = log_model(recorder, model_dir, example_path)
     context = {k: v for k, v in recorder.context_tags().items() if not k.startswith("mlflow.")}
     version_tags = {"parent_run_id": recorder.parent_id or "", "evaluate_run_id": recorder.run_id}
-    return register_candidate(
+    line, version = register_candidate(
         recorder.client, name, model_uri, accuracy, failures, version_tags | context
+    )
+    recorder.registered = f"models:/{name}/{version}"
+    return line
+
+
+def evaluate_registered(recorder, test_path: str, features: list, proba, classes: list) -> None:
+    """``mlflow.models.evaluate`` of the version ``register`` just made, on the stage's run
+    (``proba``: our class probabilities of the test rows, for ROC AUC and log loss)."""
+    import pandas as pd
+
+    from stages.core.evaluation import log_classifier_evaluation
+
+    recorder.activate()
+    log_classifier_evaluation(
+        recorder.registered, pd.read_parquet(test_path), features, proba, classes
     )

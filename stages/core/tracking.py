@@ -135,6 +135,7 @@ class Recorder:
         self.parent_id: str | None = None
         self.fluent = False  # whether the run is also mlflow's active run (for log_model)
         self._git: tuple[str | None, bool] | None = None
+        self.registered: str | None = None  # the model version evaluate registered
 
     def open(self, stage: str, experiment: str, params: dict[str, Any], run_id: str | None) -> None:
         """Start the stage's run (or continue run ``run_id``) and log its params."""

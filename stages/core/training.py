@@ -127,10 +127,19 @@ def evaluate_loss(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Class indices predicted by ``model`` for ``x`` (on the CPU, fp32)."""
+def predict_proba(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Class probabilities for ``x``: the softmax of ``model``'s logits, on the CPU.
+
+    One row per input, one column per class index. The softmax runs in float64 so that each
+    row sums to 1 as closely as scikit-learn's probability metrics expect.
+    """
     model.eval()
-    return model(x).argmax(dim=1)
+    return torch.softmax(model(x).double(), dim=1)
+
+
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Class indices predicted by ``model`` for ``x``: the most probable class of each row."""
+    return predict_proba(model, x).argmax(dim=1)
 
 
 def history_rows(result: FitResult) -> list[dict]:
