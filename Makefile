@@ -13,7 +13,7 @@ export DO_NOT_TRACK := 1
 # (GitHub's runners): `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 TORCH_INDEX ?=
 
-.PHONY: setup pipeline test test-fast lint lint-workflows stale hooks format lock clean
+.PHONY: setup pipeline test test-fast ui lint lint-workflows stale hooks format lock clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test: setup
 # The unit tests only (no real `dvc` runs): seconds, for the edit-test loop.
 test-fast: setup
 	$(BIN)/python -m pytest -m "not e2e"
+
+# The MLflow UI on the runs table of this project's experiment (prints the address).
+ui: setup
+	$(BIN)/python -m scripts.mlflow_ui
 
 lint: setup lint-workflows stale
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

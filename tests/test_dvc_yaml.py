@@ -71,7 +71,7 @@ def test_stage_lists_exactly_the_modules_it_imports(name: str) -> None:
     stage = dvc_stages()[name]
     listed = {d for d in stage["deps"] if d.startswith(f"{PACKAGE}/")}
     expected = code_deps(stage)
-    fix = "(.venv/bin/python -m tools.sync_dvc_deps rewrites them)"
+    fix = "(.venv/bin/python -m scripts.sync_dvc_deps rewrites them)"
     assert not expected - listed, f"{name}: dvc.yaml misses {sorted(expected - listed)} {fix}"
     assert not listed - expected, f"{name}: dvc.yaml lists unused {sorted(listed - expected)} {fix}"
 

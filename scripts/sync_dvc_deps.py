@@ -1,7 +1,7 @@
 """Rewrite each stage's code deps in dvc.yaml to what tests/test_dvc_yaml.py derives from the
 imports (the stage module first, then the modules it reaches); data deps stay as they are.
 
-    .venv/bin/python -m tools.sync_dvc_deps
+    .venv/bin/python -m scripts.sync_dvc_deps
 """
 
 from __future__ import annotations
