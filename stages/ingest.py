@@ -11,7 +11,9 @@ from stages.core.tracking import stage_run
 def main() -> None:
     params = load_params()
     with stage_run("ingest", params.tracking.experiment, {"data": params.section("data")}) as run:
-        raw = build_raw_dataset(load_source(params.data.source), params.data)
+        raw = build_raw_dataset(
+            load_source(params.data.source), params.data, params.validate_.feature_range
+        )
         write_parquet(layout.RAW, raw)
         domains = raw[DOMAIN].value_counts()
         run.log_metrics(

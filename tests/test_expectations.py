@@ -240,3 +240,13 @@ def test_run_suite_returns_a_gx_result(raw_frame: pd.DataFrame) -> None:
     assert again.success is False
     failed = {r.expectation_config.kwargs["column"] for r in again.results if not r.success}
     assert failed == {"f0"}
+
+
+def test_a_class_that_lost_every_row_is_short(raw_frame: pd.DataFrame) -> None:
+    frame = raw_frame.copy()
+    frame.loc[frame["label"] == 2, "f0"] = -1.0  # every row of class 2, in both domains
+    params = ValidateParams(max_quarantine_fraction=1.0, min_rows_per_class=5)
+    report = gate(frame, FEATURES, params, DOMAINS).report
+    assert report["rows_clean"] == 48
+    assert report["checks"]["short_classes"] == 2
+    assert "class 2 has 0 clean rows in domain 'base'" in report["failures"][0]

@@ -114,12 +114,17 @@ def restore_integer_labels(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def short_classes(clean: pd.DataFrame, min_rows: int, domains: list[str]) -> pd.Series:
-    """Clean-row counts of the (domain, class) pairs with fewer than ``min_rows`` rows; a
-    domain in ``domains`` with no clean rows at all counts 0 for every class."""
-    index = pd.MultiIndex.from_product(
-        [domains, sorted(clean[LABEL].unique())], names=[DOMAIN, LABEL]
-    )
+def short_classes(
+    clean: pd.DataFrame, min_rows: int, domains: list[str], classes: list | None = None
+) -> pd.Series:
+    """Clean-row counts of the (domain, class) pairs with fewer than ``min_rows`` rows.
+
+    ``classes`` are the classes of the raw table, so that a class that lost every row to the
+    quarantine counts 0; a domain in ``domains`` with no clean rows counts 0 for every class.
+    """
+    if classes is None:
+        classes = sorted(clean[LABEL].unique())
+    index = pd.MultiIndex.from_product([domains, classes], names=[DOMAIN, LABEL])
     counts = clean.groupby([DOMAIN, LABEL]).size().reindex(index, fill_value=0)
     return counts[counts < min_rows]
 
@@ -143,7 +148,8 @@ def gate(
             f"({fraction:.1%}) quarantined, more than {params.max_quarantine_fraction:.1%}; "
             f"see {REJECTED}"
         )
-    short = short_classes(clean, params.min_rows_per_class, domains)
+    classes = sorted(frame[LABEL].dropna().unique())
+    short = short_classes(clean, params.min_rows_per_class, domains, classes)
     if not short.empty:
         (domain, label), count = next(iter(short.items()))
         failures.append(
