@@ -2,17 +2,22 @@
 
 from stages.core import layout
 from stages.core.cli import run_stage
-from stages.core.data import DOMAIN, LABEL, build_raw_dataset, load_source
+from stages.core.data import DOMAIN, LABEL, build_raw_dataset
 from stages.core.io import write_parquet
 from stages.core.params import load_params
+from stages.core.sources import load_source
 from stages.core.tracking import stage_run
 
 
 def main() -> None:
     params = load_params()
-    with stage_run("ingest", params.tracking.experiment, {"data": params.section("data")}) as run:
+    sections = {
+        "data": params.section("data"),
+        "validate": {"feature_range": params.section("validate")["feature_range"]},
+    }
+    with stage_run("ingest", params.tracking.experiment, sections) as run:
         raw = build_raw_dataset(
-            load_source(params.data.source), params.data, params.validate_.feature_range
+            load_source(params.data), params.data, params.validate_.feature_range
         )
         write_parquet(layout.RAW, raw)
         domains = raw[DOMAIN].value_counts()

@@ -13,17 +13,17 @@ from stages.core.data import (
     LABEL,
     assign_domains,
     build_raw_dataset,
-    load_source,
     render_target,
     resolve_features,
 )
 from stages.core.errors import DataError
 from stages.core.params import DataParams
+from stages.core.sources import load_source
 
 
 @pytest.fixture(scope="module")
 def digits() -> pd.DataFrame:
-    return load_source("sklearn:digits")
+    return load_source(DataParams())
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_file_source_with_a_domain_column(tmp_path: Path, suffix: str) -> None:
         base_domain="A",
         target_domain="B",
     )
-    loaded = load_source(params.source, root=tmp_path)
+    loaded = load_source(params, root=tmp_path)
     raw = build_raw_dataset(loaded, params)
     # Numeric columns only, label and domain column excluded; values are not transformed.
     assert list(raw.columns) == ["height", "weight", LABEL, DOMAIN]
@@ -196,33 +196,6 @@ def test_no_numeric_features() -> None:
     source = pd.DataFrame({"name": ["a", "b"], "label": [0, 1]})
     with pytest.raises(DataError, match="no numeric feature columns"):
         resolve_features(source, DataParams())
-
-
-@pytest.mark.parametrize(
-    ("source", "expected"),
-    [
-        ("sklearn:mnist", "unknown sklearn dataset 'mnist'"),
-        ("https://example.org/data.csv", "remote sources are not supported"),
-        ("openml:554", "remote sources are not supported"),
-        ("data/absent.csv", "file not found: data/absent.csv"),
-    ],
-)
-def test_unusable_sources(source: str, expected: str) -> None:
-    with pytest.raises(DataError, match=expected) as caught:
-        load_source(source)
-    assert "\n" not in str(caught.value)
-
-
-def test_unsupported_file_type(tmp_path: Path) -> None:
-    (tmp_path / "data.json").write_text("{}")
-    with pytest.raises(DataError, match=r"expected a \.csv or \.parquet file"):
-        load_source("data.json", root=tmp_path)
-
-
-def test_unreadable_file(tmp_path: Path) -> None:
-    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(DataError, match=r"broken\.parquet: cannot read: "):
-        load_source("broken.parquet", root=tmp_path)
 
 
 def test_class_too_small_to_stratify_still_ingests() -> None:
@@ -287,7 +260,8 @@ def test_without_a_range_the_bound_is_the_finite_extent() -> None:
 def test_empty_csv_says_it_has_no_rows(tmp_path: Path) -> None:
     (tmp_path / "empty.csv").write_text("a,b,label\n")
     with pytest.raises(DataError, match=r"empty\.csv: the file has no rows") as caught:
-        build_raw_dataset(load_source("empty.csv", root=tmp_path), DataParams(source="empty.csv"))
+        params = DataParams(source="empty.csv")
+        build_raw_dataset(load_source(params, root=tmp_path), params)
     assert "\n" not in str(caught.value)
 
 

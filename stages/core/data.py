@@ -1,8 +1,7 @@
-"""Ingest: read the configured source into the canonical raw table (features, label, domain)."""
+"""Ingest: a loaded source -> the canonical raw table (features, label, domain)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,40 +13,6 @@ from stages.core.params import DataParams
 LABEL = "label"
 DOMAIN = "domain"
 RESERVED = (LABEL, DOMAIN)
-
-
-def load_source(source: str, root: Path | str = ".") -> pd.DataFrame:
-    """Load ``sklearn:<name>`` or a local CSV/Parquet file (relative to ``root``) as a DataFrame."""
-    if source.startswith("sklearn:"):
-        return _load_sklearn(source.removeprefix("sklearn:"))
-    if source.startswith(("http://", "https://", "openml:")):
-        raise DataError(f"data.source: '{source}': remote sources are not supported yet")
-    path = Path(root) / source
-    if not path.is_file():
-        raise DataError(f"data.source: file not found: {source}")
-    try:
-        if path.suffix == ".csv":
-            return pd.read_csv(path)
-        if path.suffix in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-    except Exception as exc:  # pandas/pyarrow raise many types; the user needs the file and cause
-        raise DataError(f"{source}: cannot read: {exc}") from None
-    raise DataError(f"data.source: '{source}': expected a .csv or .parquet file")
-
-
-def _load_sklearn(name: str) -> pd.DataFrame:
-    from sklearn import datasets
-
-    loaders = {
-        "digits": datasets.load_digits,
-        "iris": datasets.load_iris,
-        "wine": datasets.load_wine,
-    }
-    if name not in loaders:
-        raise DataError(f"data.source: unknown sklearn dataset '{name}' (known: {sorted(loaders)})")
-    bunch = loaders[name](as_frame=True)
-    frame = bunch.frame.rename(columns={"target": LABEL})
-    return frame
 
 
 def resolve_features(frame: pd.DataFrame, params: DataParams) -> list[str]:

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+# Downloads of http(s) sources, by checksum (gitignored, dvcignored).
+SOURCE_CACHE = Path(".cache/sources")
 RAW = Path("data/raw/dataset.parquet")
 CLEAN = Path("data/clean/dataset.parquet")
 REJECTED = Path("data/quarantine/rejected.parquet")

@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from stages.core.errors import ParamsError
 
@@ -27,13 +35,40 @@ class DataParams(_Section):
     target_fraction: float = Field(0.5, gt=0, lt=1)
     target_transform: Literal["invert", "none"] = "invert"
     seed: int = 42
+    image_mode: Literal["grey", "rgb"] = "grey"
     image_shape: list[int] | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", validate_default=True)
+    download_timeout: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _distinct_domains(self) -> DataParams:
         if self.base_domain == self.target_domain:
             raise ValueError("base_domain and target_domain must differ")
         return self
+
+    @field_validator("sha256")
+    @classmethod
+    def _checksum_for_urls(cls, value: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source", "")
+        if value is None and source.startswith(("http://", "https://")):
+            raise ValueError(
+                "required for an http(s) source: set it to the file's SHA-256 (sha256sum FILE)"
+            )
+        if value is not None and source.startswith("sklearn:"):
+            raise ValueError("checks a file or URL source; set it to null for sklearn: sources")
+        return value
+
+    @field_validator("image_shape")
+    @classmethod
+    def _image_shape(cls, shape: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if shape is None:
+            return shape
+        if len(shape) not in (2, 3) or any(size < 1 for size in shape):
+            raise ValueError("must be [H, W] or [C, H, W] of positive sizes")
+        channels = shape[0] if len(shape) == 3 else 1
+        if channels != (3 if info.data.get("image_mode") == "rgb" else 1):
+            raise ValueError("must be [3, H, W] for image_mode rgb, [H, W] or [1, H, W] for grey")
+        return shape
 
 
 class ValidateParams(_Section):
