@@ -1,6 +1,8 @@
 """Stage evaluate: score both models and the baselines on the test splits, then gate.
 -> metrics/evaluate.json, plots/confusion.csv, reports/evaluation.md."""
 
+import sys
+
 import pandas as pd
 
 from stages.core import layout
@@ -60,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", main)
+    run_stage("evaluate", main, sys.argv[1:])

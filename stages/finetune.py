@@ -1,6 +1,8 @@
 """Stage finetune: adapt the base model to the target domain from a few labelled examples
 per class -> models/finetuned/, metrics/finetune.json, plots/finetune.csv."""
 
+import sys
+
 import pandas as pd
 
 from stages.core import layout
@@ -43,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("finetune", main)
+    run_stage("finetune", main, sys.argv[1:])

@@ -1,5 +1,7 @@
 """Stage ingest: the source in params -> data/raw/dataset.parquet (features, label, domain)."""
 
+import sys
+
 from stages.core import layout
 from stages.core.cli import run_stage
 from stages.core.data import DOMAIN, LABEL, build_raw_dataset
@@ -34,4 +36,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("ingest", main)
+    run_stage("ingest", main, sys.argv[1:])

@@ -1,5 +1,7 @@
 """Stage split: stratified, seeded train/val/test inside each domain -> data/splits/."""
 
+import sys
+
 import pandas as pd
 
 from stages.core import layout
@@ -25,4 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("split", main)
+    run_stage("split", main, sys.argv[1:])

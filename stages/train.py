@@ -1,6 +1,8 @@
 """Stage train: the base model on the base domain -> models/base/, metrics/train.json,
 plots/train.csv. Runs on CUDA (bf16) when present, else on the CPU."""
 
+import sys
+
 import pandas as pd
 import torch
 
@@ -49,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train", main)
+    run_stage("train", main, sys.argv[1:])

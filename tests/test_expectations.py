@@ -235,18 +235,43 @@ def test_configured_domain_without_clean_rows_is_short(raw_frame: pd.DataFrame) 
     assert report["checks"]["short_classes"] == 3
 
 
-def test_suite_has_one_expectation_per_check() -> None:
-    suite = params_suite(["a", "b"], ValidateParams(), ["base", "target"])
-    kinds = [e["type"] for e in suite]
-    assert kinds.count("expect_column_to_exist") == 4  # a, b, label, domain
-    assert kinds.count("expect_table_row_count_to_be_between") == 1
-    assert kinds.count("expect_column_values_to_be_in_type_list") == 2
-    assert kinds.count("expect_column_values_to_not_be_null") == 4
-    assert kinds.count("expect_column_values_to_be_between") == 2
-    assert kinds.count("expect_column_values_to_be_in_set") == 1
-    assert suite[-1] == {
-        "type": "expect_compound_columns_to_be_unique",
-        "kwargs": {"column_list": ["a", "b"]},
+def test_suite_has_a_fixed_number_of_expectations() -> None:
+    """One multicolumn expectation per check over the feature block, whatever its width."""
+    features = [f"f{i}" for i in range(64)]
+    suite = params_suite(features, ValidateParams(), ["base", "target"])
+    assert [(e["type"], e["kwargs"].get("column")) for e in suite] == [
+        ("expect_table_columns_to_match_set", None),
+        ("expect_table_row_count_to_be_between", None),
+        ("expect_column_values_to_not_be_null", "label"),
+        ("expect_column_values_to_not_be_null", "domain"),
+        ("expect_multicolumn_values_to_be_numeric", None),
+        ("expect_multicolumn_values_to_not_be_null", None),
+        ("expect_multicolumn_values_to_be_between", None),
+        ("expect_multicolumn_rows_to_be_unique", None),
+        ("expect_column_values_to_be_in_set", "domain"),
+    ]
+    assert suite[0]["kwargs"]["column_set"] == [*features, "label", "domain"]
+    assert suite[6]["kwargs"] == {"column_list": features, "min_value": 0.0, "max_value": 16.0}
+
+
+def test_one_feature_uses_gx_column_expectations(raw_frame: pd.DataFrame) -> None:
+    suite = params_suite(["f0"], ValidateParams(), DOMAINS)
+    kinds = {e["type"] for e in suite if e["kwargs"].get("column") == "f0"}
+    assert kinds == {
+        "expect_column_values_to_be_in_type_list",
+        "expect_column_values_to_not_be_null",
+        "expect_column_values_to_be_between",
+        "expect_column_values_to_be_unique",
+    }
+    frame = raw_frame[["f0", "label", "domain"]].copy()
+    frame.loc[3, "f0"] = np.nan
+    frame.loc[4, "f0"] = 17.0
+    frame.loc[6] = frame.loc[5]
+    result = gate(frame, ["f0"], LENIENT, DOMAINS)
+    assert dict(zip(result.rejected[RAW_ROW], result.rejected[REASON], strict=True)) == {
+        3: "f0 is missing",
+        4: "f0 = 17 outside [0, 16]",
+        6: "duplicate of row 5",
     }
 
 
@@ -258,8 +283,11 @@ def test_run_suite_returns_a_gx_result(raw_frame: pd.DataFrame) -> None:
     bad = raw_frame.assign(f0=raw_frame["f0"] + 100)
     again = run_suite(bad, suite)
     assert again.success is False
-    failed = {r.expectation_config.kwargs.get("column") for r in again.results if not r.success}
-    assert failed == {"f0"}
+    failed = [r for r in again.results if not r.success]
+    assert [r.expectation_config.type for r in failed] == [
+        "expect_multicolumn_values_to_be_between"
+    ]
+    assert failed[0].result["unexpected_index_list"] == list(range(len(raw_frame)))
 
 
 def test_a_class_that_lost_every_row_is_short(raw_frame: pd.DataFrame) -> None:
@@ -341,10 +369,20 @@ def test_no_rows_stops_the_stage(raw_frame: pd.DataFrame) -> None:
 
 
 def test_non_numeric_feature_stops_the_stage(raw_frame: pd.DataFrame) -> None:
-    frame = raw_frame.assign(f1=raw_frame["f1"].astype(str).astype(object))
+    frame = raw_frame.assign(f1=raw_frame["f1"].astype(object))
+    frame.loc[[4, 9], "f1"] = ["n/a", "?"]
     with pytest.raises(DataError) as caught:
         gate(frame, FEATURES, ValidateParams(), DOMAINS)
-    assert str(caught.value).startswith("data/raw/dataset.parquet: column 'f1' is not numeric")
+    assert str(caught.value).startswith(
+        "data/raw/dataset.parquet: column 'f1' is not numeric: 2 values are not numbers "
+        "(first 'n/a' in row 4); fix them in the source or drop the column from data.features"
+    )
+
+
+def test_numbers_stored_as_text_pass_the_numeric_check(raw_frame: pd.DataFrame) -> None:
+    frame = raw_frame.assign(f1=raw_frame["f1"].astype(str).astype(object))
+    result = gate(frame, FEATURES, ValidateParams(), DOMAINS)
+    assert result.report["rows_quarantined"] == 0
 
 
 # --- a suite inferred from the data, committed as JSON ------------------------------------
@@ -356,12 +394,12 @@ def test_inferred_suite_round_trips_through_json(tmp_path, raw_frame: pd.DataFra
     path.write_text(suite_json(suite))
     assert load_suite(path) == suite
     assert suite_json(load_suite(path)) == path.read_text()  # stable bytes
-    ranges = {
-        e["kwargs"]["column"]: (e["kwargs"]["min_value"], e["kwargs"]["max_value"])
-        for e in suite
-        if e["type"] == "expect_column_values_to_be_between"
-    }
-    assert ranges == {c: (raw_frame[c].min(), raw_frame[c].max()) for c in FEATURES}
+    (between,) = [
+        e["kwargs"] for e in suite if e["type"] == "expect_multicolumn_values_to_be_between"
+    ]
+    assert between["column_list"] == FEATURES
+    assert between["min_value"] == raw_frame[FEATURES].min().tolist()
+    assert between["max_value"] == raw_frame[FEATURES].max().tolist()
     label_set = next(
         e["kwargs"]["value_set"]
         for e in suite

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
 
 from stages.core.errors import PipelineError
 
 
-def run_stage(name: str, main: Callable[[], None]) -> None:
-    """Run a stage's ``main``; a PipelineError prints ``<name>: error: ...`` and exits 1."""
+def run_stage(name: str, main: Callable[[], None], argv: Sequence[str] = ()) -> None:
+    """Run a stage's ``main``; a PipelineError prints ``<name>: error: ...`` and exits 1.
+
+    With ``--verbose`` in ``argv`` (the command line), the traceback comes first.
+    """
     try:
         main()
     except PipelineError as exc:
+        if "--verbose" in argv:
+            traceback.print_exc()
         print(f"{name}: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -43,25 +43,26 @@ NUMERIC_TYPES = [
     "uint8",
 ]
 # Table-level expectation types: a failure stops the stage (row-level ones quarantine rows).
+# The order is the order of root causes: missing columns, no rows, a non-numeric column.
 TABLE_LEVEL = {
-    "expect_column_to_exist",
-    "expect_table_row_count_to_be_between",
-    "expect_column_values_to_be_in_type_list",
+    "expect_table_columns_to_match_set": 0,
+    "expect_column_to_exist": 0,
+    "expect_table_row_count_to_be_between": 1,
+    "expect_multicolumn_values_to_be_numeric": 2,
+    "expect_column_values_to_be_in_type_list": 2,
 }
-TABLE_ORDER = {
-    "expect_table_row_count_to_be_between": 0,
-    "expect_column_values_to_be_in_type_list": 1,
+# Failing rows of these are copies of each other: the gate decides which to keep.
+DUPLICATES = {
+    "expect_multicolumn_rows_to_be_unique",
+    "expect_compound_columns_to_be_unique",
+    "expect_column_values_to_be_unique",
 }
-DUPLICATES = "expect_compound_columns_to_be_unique"
-# The report's name for each check (row-level counts are rows failing it; a row can fail several).
-CHECK_NAMES = {
-    "expect_column_values_to_not_be_null": "not_null",
-    "expect_column_values_to_be_between": "in_range",
-    "expect_column_values_to_be_in_set": "in_set",
-}
+NOT_NULL = {"expect_column_values_to_not_be_null", "expect_multicolumn_values_to_not_be_null"}
+BETWEEN = {"expect_column_values_to_be_between", "expect_multicolumn_values_to_be_between"}
+IN_SET = "expect_column_values_to_be_in_set"
 SUITE_NAME = "raw"
-# GX's COMPLETE format lists every failing row's index; the values, the partial lists and
-# the pandas "query" it would add are not used (see benchmarks/validate.py).
+# GX's COMPLETE format lists every failing row's index (the only format that lists them all);
+# the failing values, their partial lists and the pandas "query" it can add are not used.
 RESULT_FORMAT = {
     "result_format": "COMPLETE",
     "partial_unexpected_count": 0,
@@ -83,15 +84,51 @@ def expectation(kind: str, **kwargs: Any) -> dict:
     return {"type": kind, "kwargs": kwargs}
 
 
-def _structure(features: list[str]) -> list[dict]:
-    columns = [*features, LABEL, DOMAIN]
-    suite = [expectation("expect_column_to_exist", column=c) for c in columns]
-    suite.append(expectation("expect_table_row_count_to_be_between", min_value=1))
-    suite += [
-        expectation("expect_column_values_to_be_in_type_list", column=c, type_list=NUMERIC_TYPES)
-        for c in features
+def _feature_checks(features: list[str], low: Any, high: Any) -> list[dict]:
+    """Numeric, not null, in range, unique rows: one multicolumn expectation each over the
+    feature block (stages/core/gx_multicolumn.py), or GX's column checks for one feature."""
+    if len(features) == 1:
+        (column,) = features
+        return [
+            expectation(
+                "expect_column_values_to_be_in_type_list", column=column, type_list=NUMERIC_TYPES
+            ),
+            expectation("expect_column_values_to_not_be_null", column=column),
+            expectation(
+                "expect_column_values_to_be_between", column=column, min_value=low, max_value=high
+            ),
+            expectation("expect_column_values_to_be_unique", column=column),
+        ]
+    columns = list(features)
+    return [
+        expectation("expect_multicolumn_values_to_be_numeric", column_list=columns),
+        expectation("expect_multicolumn_values_to_not_be_null", column_list=columns),
+        expectation(
+            "expect_multicolumn_values_to_be_between",
+            column_list=columns,
+            min_value=low,
+            max_value=high,
+        ),
+        expectation("expect_multicolumn_rows_to_be_unique", column_list=columns),
     ]
-    suite += [expectation("expect_column_values_to_not_be_null", column=c) for c in columns]
+
+
+def _suite(features: list[str], low: Any, high: Any, value_sets: dict[str, list]) -> list[dict]:
+    suite = [
+        expectation(
+            "expect_table_columns_to_match_set",
+            column_set=[*features, LABEL, DOMAIN],
+            exact_match=False,
+        ),
+        expectation("expect_table_row_count_to_be_between", min_value=1),
+        expectation("expect_column_values_to_not_be_null", column=LABEL),
+        expectation("expect_column_values_to_not_be_null", column=DOMAIN),
+    ]
+    suite += _feature_checks(features, low, high)
+    suite += [
+        expectation(IN_SET, column=column, value_set=values)
+        for column, values in value_sets.items()
+    ]
     return suite
 
 
@@ -101,41 +138,25 @@ def params_suite(features: list[str], params: ValidateParams, domains: list[str]
     no two rows with identical features."""
     # Finite bounds also reject +/-inf.
     low, high = params.feature_range or (-sys.float_info.max, sys.float_info.max)
-    suite = _structure(features)
-    suite += [
-        expectation("expect_column_values_to_be_between", column=c, min_value=low, max_value=high)
-        for c in features
-    ]
-    suite.append(expectation("expect_column_values_to_be_in_set", column=DOMAIN, value_set=domains))
-    suite.append(expectation(DUPLICATES, column_list=list(features)))
-    return suite
+    return _suite(features, float(low), float(high), {DOMAIN: list(domains)})
 
 
 def infer_suite(frame: pd.DataFrame, features: list[str], domains: list[str]) -> list[dict]:
     """A suite inferred from the data, for the user to review and commit: each feature
     between its observed finite minimum and maximum, the label one of the observed classes,
     the domain one of ``domains``, plus the structural and duplicate checks."""
-    suite = _structure(features)
     values = frame[features].to_numpy(np.float64)
     finite = np.where(np.isfinite(values), values, np.nan)
-    with np.errstate(all="ignore"):
-        lows, highs = np.nanmin(finite, axis=0), np.nanmax(finite, axis=0)
-    for column, low, high in zip(features, lows, highs, strict=True):
-        if np.isnan(low):
-            raise DataError(f"{RAW}: column '{column}' has no finite values to infer a range from")
-        suite.append(
-            expectation(
-                "expect_column_values_to_be_between",
-                column=column,
-                min_value=float(low),
-                max_value=float(high),
-            )
-        )
+    empty = np.isnan(finite).all(axis=0)
+    if empty.any():
+        column = features[int(np.argmax(empty))]
+        raise DataError(f"{RAW}: column '{column}' has no finite values to infer a range from")
+    lows = np.nanmin(finite, axis=0).tolist()
+    highs = np.nanmax(finite, axis=0).tolist()
+    if len(features) == 1:
+        lows, highs = lows[0], highs[0]
     classes = sorted((plain(v) for v in frame[LABEL].dropna().unique()), key=_sort_key)
-    suite.append(expectation("expect_column_values_to_be_in_set", column=LABEL, value_set=classes))
-    suite.append(expectation("expect_column_values_to_be_in_set", column=DOMAIN, value_set=domains))
-    suite.append(expectation(DUPLICATES, column_list=list(features)))
-    return suite
+    return _suite(features, lows, highs, {LABEL: classes, DOMAIN: list(domains)})
 
 
 def _sort_key(value: Any) -> tuple:
@@ -143,8 +164,20 @@ def _sort_key(value: Any) -> tuple:
 
 
 def suite_json(suite: list[dict]) -> str:
-    """The suite as GX's JSON layout (name, expectations of type and kwargs), stable bytes."""
-    return json.dumps({"name": SUITE_NAME, "expectations": suite}, indent=2) + "\n"
+    """The suite in GX's JSON layout (name, expectations of type and kwargs), one kwarg per
+    line so that a reviewer reads and diffs it line by line; equal suites give equal bytes."""
+    blocks = []
+    for item in suite:
+        kwargs = ",\n".join(
+            f"        {json.dumps(key)}: {json.dumps(value)}"
+            for key, value in item["kwargs"].items()
+        )
+        blocks.append(
+            f'    {{\n      "type": {json.dumps(item["type"])},\n'
+            f'      "kwargs": {{\n{kwargs}\n      }}\n    }}'
+        )
+    body = ",\n".join(blocks)
+    return f'{{\n  "name": {json.dumps(SUITE_NAME)},\n  "expectations": [\n{body}\n  ]\n}}\n'
 
 
 def load_suite(path: Path | str) -> list[dict]:
@@ -178,6 +211,8 @@ def _to_gx(suite: list[dict], where: str = "suite") -> list:
         ExpectationConfiguration,
     )
 
+    import stages.core.gx_multicolumn  # noqa: F401 (registers the multicolumn expectations)
+
     built = []
     for number, item in enumerate(suite, start=1):
         try:
@@ -209,84 +244,119 @@ def run_suite(frame: pd.DataFrame, suite: list[dict], name: str = SUITE_NAME):
 def _column(kwargs: dict) -> str:
     if "column" in kwargs:
         return str(kwargs["column"])
-    return ", ".join(map(str, kwargs.get("column_list", [])))
+    columns = [str(c) for c in kwargs.get("column_list", [])]
+    return ", ".join(columns) if len(columns) <= 3 else f"{len(columns)} feature columns"
 
 
-def _table_failure(kind: str, kwargs: dict, result: dict) -> str:
+def _table_failure(kind: str, kwargs: dict, outcome: dict, frame: pd.DataFrame) -> str:
     if kind == "expect_table_row_count_to_be_between":
-        return f"{result.get('observed_value')} rows, expected at least {kwargs.get('min_value')}"
-    if kind == "expect_column_values_to_be_in_type_list":
-        return f"column '{kwargs['column']}' is not numeric"
+        observed, least = outcome.get("observed_value"), kwargs.get("min_value")
+        return f"{observed} rows, expected at least {least}"
+    if TABLE_LEVEL.get(kind) == TABLE_LEVEL["expect_multicolumn_values_to_be_numeric"]:
+        from stages.core.gx_multicolumn import is_number_like
+
+        for column in kwargs.get("column_list") or [kwargs["column"]]:
+            bad = ~is_number_like(frame[column])
+            if bad.any():
+                first = int(np.argmax(bad))
+                return (
+                    f"column '{column}' is not numeric: {int(bad.sum())} values are not numbers "
+                    f"(first {frame[column].iloc[first]!r} in row {first}); fix them in the "
+                    "source or drop the column from data.features"
+                )
+            if not pd.api.types.is_numeric_dtype(frame[column]):
+                return f"column '{column}' is not numeric ({frame[column].dtype})"
     return f"{kind} failed on {_column(kwargs) or 'the table'}"
 
 
-def _row_reasons(kind: str, kwargs: dict, frame: pd.DataFrame, rows: np.ndarray) -> list[str]:
-    """The reason each of ``rows`` fails one expectation, naming the column and the value."""
-    column = kwargs.get("column")
-    if kind == "expect_column_values_to_not_be_null":
-        return [f"{column} is missing"] * len(rows)
-    if kind == "expect_column_values_to_be_between" and pd.api.types.is_numeric_dtype(
-        frame[column]
-    ):
-        bounds = f"[{_bound(kwargs.get('min_value'), '-inf')}, "
-        bounds += f"{_bound(kwargs.get('max_value'), 'inf')}]"
-        values = frame[column].to_numpy(np.float64)[rows]
-        return [
-            f"{column} = {value:g} outside {bounds}"
-            if np.isfinite(value)
-            else f"{column} is {value}"
-            for value in values
-        ]
-    if kind == "expect_column_values_to_be_in_set":
-        values = frame[column].to_numpy()[rows]
+def _missing_columns(kind: str, kwargs: dict, outcome: dict) -> list[str]:
+    if kind == "expect_column_to_exist":
+        return [kwargs["column"]]
+    return list(((outcome.get("details") or {}).get("mismatched") or {}).get("missing") or [])
+
+
+def _row_reasons(
+    kind: str, kwargs: dict, frame: pd.DataFrame, rows: np.ndarray
+) -> tuple[np.ndarray, list[str]]:
+    """Why each of ``rows`` fails one expectation, naming the column and the value:
+    (row of each reason, reasons); a row failing in several columns gets several reasons."""
+    columns = kwargs.get("column_list") or [kwargs.get("column")]
+    if kind in NOT_NULL:
+        missing = frame[columns].iloc[rows].isna().to_numpy()
+        at, col = np.nonzero(missing)
+        return rows[at], [f"{columns[c]} is missing" for c in col]
+    if kind in BETWEEN and all(pd.api.types.is_numeric_dtype(frame[c]) for c in columns):
+        values = frame[columns].to_numpy(np.float64)[rows]
+        low = np.broadcast_to(_limits(kwargs.get("min_value"), -np.inf), (len(columns),))
+        high = np.broadcast_to(_limits(kwargs.get("max_value"), np.inf), (len(columns),))
+        at, col = np.nonzero(~np.isnan(values) & ((values < low) | (values > high)))
+        reasons = []
+        for r, c in zip(at.tolist(), col.tolist(), strict=True):
+            value = values[r, c]
+            reasons.append(
+                f"{columns[c]} = {value:g} outside [{_bound(low[c])}, {_bound(high[c])}]"
+                if np.isfinite(value)
+                else f"{columns[c]} is {value}"
+            )
+        return rows[at], reasons
+    if kind == IN_SET:
+        values = frame[columns[0]].to_numpy()[rows]
         allowed = list(kwargs.get("value_set", []))
-        return [f"{column} {plain(value)!r} not in {allowed}" for value in values]
-    return [f"{_column(kwargs)} fails {kind}"] * len(rows)
+        return rows, [f"{columns[0]} {plain(value)!r} not in {allowed}" for value in values]
+    return rows, [f"{_column(kwargs)} fails {kind}"] * len(rows)
 
 
-def _bound(value: Any, unbounded: str) -> str:
-    if value is None or abs(float(value)) >= sys.float_info.max:
-        return unbounded
-    return f"{float(value):g}"
+def _limits(value: Any, unbounded: float) -> np.ndarray:
+    return np.asarray(unbounded if value is None else value, dtype=np.float64)
+
+
+def _bound(value: float) -> str:
+    return f"{value:g}" if abs(value) < sys.float_info.max else ("-inf" if value < 0 else "inf")
 
 
 def _duplicate_reasons(
     frame: pd.DataFrame, columns: list[str], rows: np.ndarray
 ) -> tuple[dict[int, str], int, int]:
-    """Among rows whose features occur more than once (GX's compound-uniqueness result):
-    identical features with conflicting labels quarantine every copy; otherwise exact copies
-    of an earlier row go and the first stays. Returns (row -> reason, duplicates, conflicts).
+    """Decide among rows whose features occur more than once (GX's uniqueness result).
+
+    Identical features with conflicting labels quarantine every copy; otherwise an exact
+    copy (every column equal) of an earlier row goes and the first stays. Rows GX flagged
+    whose features turn out distinct (a hash collision) stay. Returns (row -> reason,
+    duplicates, conflicts).
     """
     if len(rows) == 0:
         return {}, 0, 0
     copies = frame.iloc[rows]
-    groups = copies.groupby(columns, dropna=False, sort=False).ngroup().to_numpy()
+    same_features = copies.groupby(columns, dropna=False, sort=False).ngroup().to_numpy()
+    labels = copies[LABEL].groupby(same_features).nunique()  # missing labels do not count
+    conflicting = np.isin(same_features, labels.index[labels.to_numpy() > 1])
     reasons: dict[int, str] = {}
-    duplicates = conflicts = 0
-    for group in np.unique(groups):
-        members = rows[groups == group]
-        labels = frame[LABEL].iloc[members]
-        if labels.dropna().nunique() > 1:
-            for row in members:
-                others = [int(r) for r in members if r != row]
-                reasons[int(row)] = f"features identical to row {_rows(others)} with another label"
-            conflicts += len(members)
-            continue
-        whole = frame.iloc[members]
-        first_of = whole.groupby(list(whole.columns), dropna=False, sort=False).ngroup()
-        seen: dict[int, int] = {}
-        for row, copy_group in zip(members, first_of.to_numpy(), strict=True):
-            if copy_group in seen:
-                reasons[int(row)] = f"duplicate of row {seen[copy_group]}"
-                duplicates += 1
-            else:
-                seen[copy_group] = int(row)
-    return reasons, duplicates, conflicts
+    for group in np.unique(same_features[conflicting]):
+        members = rows[same_features == group].tolist()
+        for row in members:
+            others = [r for r in members if r != row]
+            reasons[row] = f"features identical to row {_rows(others)} with another label"
+    exact = copies.groupby(list(copies.columns), dropna=False, sort=False).ngroup().to_numpy()
+    first = pd.Series(rows).groupby(exact).transform("min").to_numpy()
+    repeated = ~conflicting & (rows != first)
+    for row, original in zip(rows[repeated].tolist(), first[repeated].tolist(), strict=True):
+        reasons[row] = f"duplicate of row {original}"
+    return reasons, int(repeated.sum()), int(conflicting.sum())
 
 
 def _rows(rows: list[int], limit: int = 3) -> str:
     shown = ", ".join(map(str, rows[:limit]))
     return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
+
+
+def _raised(info: dict) -> str | None:
+    """GX's exception message for an expectation that could not run, else None; GX nests
+    metric errors one level down, keyed by metric."""
+    for entry in [info, *(v for v in info.values() if isinstance(v, dict))]:
+        if entry.get("raised_exception"):
+            lines = str(entry.get("exception_message", "")).strip().splitlines()
+            return lines[0] if lines else "error"
+    return None
 
 
 def short_classes(
@@ -328,77 +398,65 @@ def gate(
     frame = frame.reset_index(drop=True)
     suite = suite if suite is not None else params_suite(features, params, domains)
     result = run_suite(frame, suite)
-    table_failures, missing_columns, summaries = [], [], []
-    reasons: dict[int, list[str]] = defaultdict(list)
-    checks: dict[str, int] = {"missing_columns": 0}
+    missing_columns: list[str] = []
+    table_failures: list[tuple[int, str]] = []
+    summaries: list[dict] = []
+    reason_rows: list[np.ndarray] = []
+    reason_texts: list[str] = []
     failing_rows: dict[str, set[int]] = defaultdict(set)
+    duplicates = conflicts = 0
     for item in result.results:
         config = item.expectation_config
         kind, kwargs = config.type, dict(config.kwargs)
-        info = item.exception_info or {}
-        if info.get("raised_exception"):
-            message = str(info.get("exception_message", "")).strip().splitlines()
-            table_failures.append(
-                (
-                    len(TABLE_ORDER) + 1,
-                    f"the suite's {kind} on '{_column(kwargs)}' could not run "
-                    f"({message[0] if message else 'error'}); fix the suite or the data",
-                )
-            )
-            continue
         outcome = item.result or {}
         rows = np.asarray(outcome.get("unexpected_index_list") or [], dtype=np.int64)
+        row_level = kind not in TABLE_LEVEL and "unexpected_index_list" in outcome
         summary = {
             "type": kind,
             "column": _column(kwargs),
-            "level": "table" if kind in TABLE_LEVEL else "row",
+            "level": "row" if row_level else "table",
             "success": bool(item.success),
             "failing_rows": len(rows),
         }
         summaries.append(summary)
-        if kind in TABLE_LEVEL or "unexpected_index_list" not in outcome:
+        error = _raised(item.exception_info or {})
+        if error is not None:
             summary["level"] = "table"
-            if not item.success and kind == "expect_column_to_exist":
-                missing_columns.append(kwargs["column"])
-            elif not item.success:
-                rank = TABLE_ORDER.get(kind, len(TABLE_ORDER))
-                table_failures.append((rank, _table_failure(kind, kwargs, outcome)))
-            continue
-        if kind == DUPLICATES:
-            found, duplicates, conflicts = _duplicate_reasons(frame, kwargs["column_list"], rows)
-            for row, reason in found.items():
-                reasons[row].append(reason)
-            checks["duplicate"] = checks.get("duplicate", 0) + duplicates
-            checks["conflicting_label"] = checks.get("conflicting_label", 0) + conflicts
+            table_failures.append(
+                (9, f"the suite's {kind} on {_column(kwargs)} could not run ({error})")
+            )
+        elif not row_level:
+            if not item.success:
+                missing_columns += _missing_columns(kind, kwargs, outcome)
+                rank = TABLE_LEVEL.get(kind, 8)
+                table_failures.append((rank, _table_failure(kind, kwargs, outcome, frame)))
+        elif kind in DUPLICATES:
+            columns = kwargs.get("column_list") or [kwargs["column"]]
+            found, repeated, conflicting = _duplicate_reasons(frame, columns, rows)
+            reason_rows.append(np.fromiter(found, dtype=np.int64, count=len(found)))
+            reason_texts += found.values()
+            duplicates += repeated
+            conflicts += conflicting
             summary["failing_rows"] = len(found)
-            continue
-        name = CHECK_NAMES.get(kind, kind.removeprefix("expect_"))
-        if kind == "expect_column_values_to_be_in_set" and kwargs.get("column") in (
-            DOMAIN,
-            LABEL,
-        ):
-            name = "known_domain" if kwargs["column"] == DOMAIN else "known_label"
-        failing_rows[name].update(rows.tolist())
-        for row, reason in zip(rows.tolist(), _row_reasons(kind, kwargs, frame, rows), strict=True):
-            reasons[row].append(reason)
+        else:
+            at, texts = _row_reasons(kind, kwargs, frame, rows)
+            reason_rows.append(at)
+            reason_texts += texts
+            failing_rows[_check_name(kind, kwargs)].update(rows.tolist())
     if missing_columns:
-        raise DataError(f"{RAW}: missing columns {missing_columns} (data.features, label, domain)")
+        raise DataError(
+            f"{RAW}: missing columns {sorted(set(missing_columns), key=missing_columns.index)} "
+            "(data.features, label, domain)"
+        )
     if table_failures:
-        # The root cause first: no rows, then a non-numeric column, then what follows from it.
         first = min(table_failures)[1]
         more = len(table_failures) - 1
         raise DataError(f"{RAW}: {first}" + (f" (and {more} more table checks)" if more else ""))
-    for name in ("not_null", "in_range", "known_domain", "duplicate", "conflicting_label"):
-        checks.setdefault(name, 0)
-    checks |= {name: len(rows) for name, rows in failing_rows.items()}
 
-    bad = np.array(sorted(reasons), dtype=np.int64)
-    keep = np.ones(len(frame), dtype=bool)
-    keep[bad] = False
-    rejected = frame.iloc[bad].copy()
-    rejected[REASON] = ["; ".join(reasons[row]) for row in bad.tolist()]
-    rejected[RAW_ROW] = bad
-    clean = restore_integer_labels(frame[keep].reset_index(drop=True))
+    checks = {"missing_columns": 0, "not_null": 0, "in_range": 0, "known_domain": 0}
+    checks |= {name: len(rows) for name, rows in failing_rows.items()}
+    checks |= {"duplicate": duplicates, "conflicting_label": conflicts}
+    clean, rejected = quarantine(frame, reason_rows, reason_texts)
 
     rows_in = len(frame)
     fraction = len(rejected) / rows_in if rows_in else 1.0
@@ -427,9 +485,36 @@ def gate(
         "passed": not failures,
         "failures": failures,
     }
-    return GateResult(
-        clean=clean,
-        rejected=rejected.reset_index(drop=True),
-        report=report,
-        expectations=summaries,
-    )
+    return GateResult(clean=clean, rejected=rejected, report=report, expectations=summaries)
+
+
+def _check_name(kind: str, kwargs: dict) -> str:
+    if kind in NOT_NULL:
+        return "not_null"
+    if kind in BETWEEN:
+        return "in_range"
+    if kind == IN_SET and kwargs.get("column") == DOMAIN:
+        return "known_domain"
+    if kind == IN_SET and kwargs.get("column") == LABEL:
+        return "known_label"
+    return kind.removeprefix("expect_")
+
+
+def quarantine(
+    frame: pd.DataFrame, reason_rows: list[np.ndarray], reason_texts: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split ``frame`` into clean rows and rejected rows; a rejected row keeps every column
+    and gains ``reason`` (its reasons joined by "; ", in suite order) and ``raw_row``."""
+    rows = np.concatenate([np.empty(0, dtype=np.int64), *reason_rows])
+    order = np.argsort(rows, kind="stable")  # by row; a row's reasons keep the suite's order
+    rows, texts = rows[order], [reason_texts[i] for i in order]
+    bad, starts = np.unique(rows, return_index=True)
+    ends = [*starts[1:].tolist(), len(texts)] if len(starts) else []
+    joined = ["; ".join(texts[a:b]) for a, b in zip(starts.tolist(), ends, strict=True)]
+    keep = np.ones(len(frame), dtype=bool)
+    keep[bad] = False
+    rejected = frame.iloc[bad].reset_index(drop=True)
+    rejected[REASON] = pd.Series(joined, dtype=object)
+    rejected[RAW_ROW] = bad
+    clean = restore_integer_labels(frame[keep].reset_index(drop=True))
+    return clean, rejected

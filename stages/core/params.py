@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import yaml
@@ -75,6 +75,16 @@ class ValidateParams(_Section):
     feature_range: tuple[float, float] | None = (0, 16)
     max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
     min_rows_per_class: int = Field(5, ge=1)
+    suite: str | None = None
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_under_data_suites(cls, value: str | None) -> str | None:
+        # validate depends on data/suites/ in dvc.yaml: a suite elsewhere would not rerun it.
+        path = PurePosixPath(value) if value is not None else None
+        if path is not None and (path.parts[:2] != ("data", "suites") or path.suffix != ".json"):
+            raise ValueError("must be a .json file under data/suites/ (e.g. data/suites/raw.json)")
+        return value
 
     @field_validator("feature_range")
     @classmethod
