@@ -20,6 +20,9 @@ TRAIN_PLOT = Path("plots/train.csv")
 FINETUNE_PLOT = Path("plots/finetune.csv")
 CONFUSION_PLOT = Path("plots/confusion.csv")
 EVALUATION_REPORT = Path("reports/evaluation.md")
+DRIFT_REPORT = Path("reports/drift.json")
+DRIFT_METRICS = Path("metrics/drift.json")
+DRIFT_PLOT = Path("plots/drift.csv")
 
 
 def split_path(role: str, part: str) -> Path:
