@@ -419,6 +419,8 @@ def test_validating_against_an_inferred_suite(raw_frame: pd.DataFrame) -> None:
     assert reasons[2] == f"f0 = {high + 1:g} outside [{raw_frame['f0'].min():g}, {high:g}]"
     assert reasons[7] == "label 7 not in [0, 1, 2]"
     assert result.report["checks"]["known_label"] == 1
+    # A class the suite rejects is not a class that lost its rows.
+    assert result.report["checks"]["short_classes"] == 0
     # The params suite would have let the first row through.
     assert 2 not in gate(frame, FEATURES, LENIENT, DOMAINS).rejected[RAW_ROW].tolist()
 

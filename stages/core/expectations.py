@@ -405,6 +405,7 @@ def gate(
     reason_texts: list[str] = []
     failing_rows: dict[str, set[int]] = defaultdict(set)
     duplicates = conflicts = 0
+    unknown_classes: set = set()  # labels the suite rejects are not classes of the dataset
     for item in result.results:
         config = item.expectation_config
         kind, kwargs = config.type, dict(config.kwargs)
@@ -443,6 +444,8 @@ def gate(
             reason_rows.append(at)
             reason_texts += texts
             failing_rows[_check_name(kind, kwargs)].update(rows.tolist())
+            if kind == IN_SET and kwargs.get("column") == LABEL:
+                unknown_classes.update(plain(v) for v in frame[LABEL].to_numpy()[rows])
     if missing_columns:
         raise DataError(
             f"{RAW}: missing columns {sorted(set(missing_columns), key=missing_columns.index)} "
@@ -467,7 +470,8 @@ def gate(
             f"({fraction:.1%}) quarantined, more than {params.max_quarantine_fraction:.1%}; "
             f"see {REJECTED}"
         )
-    classes = sorted((plain(v) for v in frame[LABEL].dropna().unique()), key=_sort_key)
+    labels = (plain(v) for v in frame[LABEL].dropna().unique())
+    classes = sorted((c for c in labels if c not in unknown_classes), key=_sort_key)
     short = short_classes(clean, params.min_rows_per_class, domains, classes)
     if not short.empty:
         (domain, label), count = next(iter(short.items()))
