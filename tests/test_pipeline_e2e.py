@@ -13,7 +13,15 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "data/source", ".dvcignore", ".dvc/config"]
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "stages",
+    "data/source",
+    "data/suites",
+    ".dvcignore",
+    ".dvc/config",
+]
 STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
 # Small but real: fewer epochs, and gates loose enough for them.
 SMALL_PARAMS = {
