@@ -4,7 +4,7 @@ import sys
 
 from stages.core import layout
 from stages.core.cli import run_stage
-from stages.core.data import DOMAIN, LABEL, build_raw_dataset
+from stages.core.data import DOMAIN, LABEL, build_raw_dataset, skipped_columns
 from stages.core.io import write_parquet
 from stages.core.params import load_params
 from stages.core.sources import load_source
@@ -18,9 +18,9 @@ def main() -> None:
         "validate": {"feature_range": params.section("validate")["feature_range"]},
     }
     with stage_run("ingest", params.tracking.experiment, sections) as run:
-        raw = build_raw_dataset(
-            load_source(params.data), params.data, params.validate_.feature_range
-        )
+        source = load_source(params.data)
+        raw = build_raw_dataset(source, params.data, params.validate_.feature_range)
+        skipped = skipped_columns(source, params.data)
         write_parquet(layout.RAW, raw)
         domains = raw[DOMAIN].value_counts()
         run.log_metrics(
@@ -32,6 +32,8 @@ def main() -> None:
                 "rows_target": int(domains.get(params.data.target_domain, 0)),
             }
         )
+    if skipped:
+        print(f"ingest: not used: columns {skipped} (list them in data.features to use them)")
     print(f"ingest: {len(raw)} rows, {raw.shape[1] - 2} features -> {layout.RAW}")
 
 

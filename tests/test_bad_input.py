@@ -255,3 +255,23 @@ def test_infer_then_validate_against_the_committed_suite(capsys) -> None:
     assert report["rows_in"] == 42 == report["rows_clean"] + report["rows_quarantined"]
     assert "data/suites/own.json" in layout.VALIDATION_HTML.read_text()
     assert np.isin(rejected["raw_row"], [40, 41]).all()
+
+
+def test_validate_and_split_log_their_reports_to_mlflow(capsys, mlflow_client) -> None:
+    _ingest_and_validate(GOOD_CSV, capsys)
+    run_stage("split", split.main)
+    experiment = mlflow_client.get_experiment_by_name("finetune-pipeline")
+    runs = mlflow_client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=20
+    )
+    latest = {}
+    for run in runs:
+        latest.setdefault(run.data.tags["stage"], run)
+    validate_run, split_run = latest["validate"], latest["split"]
+    names = {a.path for a in mlflow_client.list_artifacts(validate_run.info.run_id)}
+    assert {"validation.json", "validation.html"} <= names
+    assert validate_run.data.metrics["rows_in"] == 40
+    assert validate_run.data.metrics["checks.duplicate"] == 0
+    names = {a.path for a in mlflow_client.list_artifacts(split_run.info.run_id)}
+    assert {"drift.json", "drift.csv"} <= names
+    assert split_run.data.metrics["drift.domain_gap.psi_mean"] > 0

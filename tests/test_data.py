@@ -15,6 +15,7 @@ from stages.core.data import (
     build_raw_dataset,
     render_target,
     resolve_features,
+    skipped_columns,
 )
 from stages.core.errors import DataError
 from stages.core.params import DataParams
@@ -293,3 +294,11 @@ def test_numeric_domain_column_with_a_missing_value_reads_without_dot_zero() -> 
     assert raw[DOMAIN].tolist()[:5] == ["1"] * 5
     assert raw[DOMAIN].tolist()[6:] == ["2"] * 6
     assert pd.isna(raw[DOMAIN].iloc[5])
+
+
+def test_skipped_columns_are_named() -> None:
+    source = _own_source().assign(weight=["7"] * 11 + ["heavy"])  # a stray word: now text
+    params = DataParams(label="diagnosis", domain_column="site")
+    assert skipped_columns(source, params) == ["weight", "note"]
+    listed = DataParams(label="diagnosis", domain_column="site", features=["height"])
+    assert skipped_columns(_own_source(), listed) == ["weight", "note"]

@@ -453,3 +453,25 @@ def test_bad_suite_file_is_one_line(tmp_path, content: str | None, expected: str
     assert message.startswith(f"validate.suite: {path}: ")
     assert expected in message
     assert "\n" not in message
+
+
+def test_a_few_bad_pixels_in_the_demo_quarantine_only_their_rows() -> None:
+    """The issue's first failure: ~2% of rows with NaN, inf or out-of-range pixels stopped the
+    pipeline with half the dataset quarantined (the rendering bound moved with them)."""
+    from stages.core.data import build_raw_dataset
+    from stages.core.params import DataParams
+    from stages.core.sources import load_sklearn
+
+    digits = load_sklearn("digits")
+    pixels = [c for c in digits.columns if c != "label"]
+    digits[pixels] = digits[pixels].astype(np.float64)
+    rng = np.random.default_rng(4)
+    bad = rng.choice(len(digits), size=36, replace=False)
+    for i, row in enumerate(bad):
+        digits.loc[row, pixels[i % 64]] = [np.nan, np.inf, -np.inf, 300.0][i % 4]
+    params = ValidateParams()
+    raw = build_raw_dataset(digits, DataParams(), params.feature_range)
+    result = gate(raw, pixels, params, ["base", "target"])
+    assert result.report["rows_quarantined"] == 36
+    assert sorted(result.rejected[RAW_ROW]) == sorted(bad.tolist())
+    assert result.report["passed"] is True

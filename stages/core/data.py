@@ -37,6 +37,13 @@ def resolve_features(frame: pd.DataFrame, params: DataParams) -> list[str]:
     return features
 
 
+def skipped_columns(frame: pd.DataFrame, params: DataParams) -> list[str]:
+    """Columns that are neither features, label nor domain column: with ``data.features:
+    null``, the non-numeric ones (a column with a stray word in it lands here)."""
+    used = {params.label, params.domain_column, *resolve_features(frame, params)}
+    return [str(c) for c in frame.columns if c not in used]
+
+
 def assign_domains(
     labels: pd.Series, target_fraction: float, seed: int, base: str, target: str
 ) -> pd.Series:

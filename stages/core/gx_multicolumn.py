@@ -4,8 +4,9 @@ GX's built-in checks run one expectation per column, and each costs GX about 10 
 building and metric bookkeeping before it touches the data: 64 features x 4 checks cost about
 2 s on any table, and about 8x plain pandas at 1,000,000 rows (ExpectCompoundColumnsToBeUnique
 factorises every column; `python -m benchmarks.validate --per-column`). These multicolumn map
-expectations give the same row-level answers with a fixed number of expectations. GX still resolves the metrics, applies the result format and returns
-``unexpected_index_list``; the conditions below are NumPy over the whole feature block.
+expectations give the same row-level answers with a fixed number of expectations. GX still
+resolves the metrics, applies the result format and returns ``unexpected_index_list``; the
+conditions below are NumPy over the whole feature block.
 
 Importing this module registers them with GX (it imports great_expectations: import it lazily).
 """
