@@ -433,6 +433,10 @@ def test_validating_against_an_inferred_suite(raw_frame: pd.DataFrame) -> None:
         ('{"expectations": []}', "expected an object with a non-empty 'expectations' list"),
         ('{"expectations": [{"kwargs": {}}]}', "expectation 1 has no 'type'"),
         (
+            '{"expectations": [{"type": "expect_table_row_count_to_be_between", "kwargs": [1]}]}',
+            "expectation 1: 'kwargs' must be an object",
+        ),
+        (
             '{"expectations": [{"type": "expect_column_values_to_be_purple", "kwargs": {}}]}',
             "expectation 1 (expect_column_values_to_be_purple): ",
         ),

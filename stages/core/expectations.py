@@ -200,7 +200,10 @@ def load_suite(path: Path | str) -> list[dict]:
     for number, item in enumerate(items, start=1):
         if not isinstance(item, dict) or not isinstance(item.get("type"), str):
             raise DataError(f"{where}: expectation {number} has no 'type'")
-        suite.append({"type": item["type"], "kwargs": dict(item.get("kwargs") or {})})
+        kwargs = item.get("kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise DataError(f"{where}: expectation {number}: 'kwargs' must be an object")
+        suite.append({"type": item["type"], "kwargs": dict(kwargs)})
     _to_gx(suite, where)  # fail now, naming the file, on an unknown type or bad kwargs
     return suite
 
