@@ -256,6 +256,8 @@ def run_suite(frame: pd.DataFrame, suite: list[dict], name: str = SUITE_NAME):
 def _column(kwargs: dict) -> str:
     if "column" in kwargs:
         return str(kwargs["column"])
+    if "column_set" in kwargs:
+        return f"{len(kwargs['column_set'])} columns"
     columns = [str(c) for c in kwargs.get("column_list", [])]
     return ", ".join(columns) if len(columns) <= 3 else f"{len(columns)} feature columns"
 
