@@ -20,15 +20,16 @@ TOP_FEATURES = 10
 def ks_statistics(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The two-sample KS statistic of each column: max |ECDF_a - ECDF_b| over all values."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    pooled = np.concatenate([a, b])
-    order = np.argsort(pooled, axis=0, kind="stable")
-    values = np.take_along_axis(pooled, order, axis=0)
+    # One row per feature, contiguous: sorting along rows is several times faster.
+    pooled = np.ascontiguousarray(np.concatenate([a, b]).T)
+    order = np.argsort(pooled, axis=1)  # the order inside a tie does not matter: see below
+    values = np.take_along_axis(pooled, order, axis=1)
     from_a = order < len(a)
-    gap = np.abs(np.cumsum(from_a, axis=0) / len(a) - np.cumsum(~from_a, axis=0) / len(b))
+    gap = np.abs(np.cumsum(from_a, axis=1) / len(a) - np.cumsum(~from_a, axis=1) / len(b))
     # Between tied values the ECDFs are not yet complete: read them at the last of a tie only.
     last_of_tie = np.ones_like(from_a)
-    last_of_tie[:-1] = values[1:] != values[:-1]
-    return np.where(last_of_tie, gap, 0.0).max(axis=0)
+    last_of_tie[:, :-1] = values[:, 1:] != values[:, :-1]
+    return np.where(last_of_tie, gap, 0.0).max(axis=1)
 
 
 def psi(reference: np.ndarray, current: np.ndarray, bins: int = PSI_BINS) -> np.ndarray:
