@@ -27,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
-PROJECT = ["dvc.yaml", "params.yaml", "stages", "data/source", ".dvcignore", ".gitignore"]
+PROJECT = ["dvc.yaml", "params.yaml", "stages", "data/source", "data/suites", ".dvcignore"]
+PROJECT += [".gitignore"]
 PROJECT += [".dvc/config", ".dvc/plots"]
 WARM = """
 import json, os, sys, time

@@ -2,6 +2,8 @@
 -> metrics/evaluate.json, plots/{confusion,roc,precision_recall}.csv, plots/per_class/,
 reports/evaluation.md, reports/figures/."""
 
+import sys
+
 import pandas as pd
 
 from stages.core import layout
@@ -112,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", main)
+    run_stage("evaluate", main, sys.argv[1:])

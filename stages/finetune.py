@@ -1,6 +1,7 @@
 """Stage finetune: adapt the base model to the target domain from a few labelled examples
 per class -> models/finetuned/, metrics/finetune.json, plots/finetune.csv."""
 
+import sys
 import time
 
 import pandas as pd
@@ -53,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("finetune", main)
+    run_stage("finetune", main, sys.argv[1:])

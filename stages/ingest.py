@@ -1,17 +1,26 @@
 """Stage ingest: the source in params -> data/raw/dataset.parquet (features, label, domain)."""
 
+import sys
+
 from stages.core import layout
 from stages.core.cli import run_stage
-from stages.core.data import DOMAIN, LABEL, build_raw_dataset, load_source
+from stages.core.data import DOMAIN, LABEL, build_raw_dataset, skipped_columns
 from stages.core.io import write_parquet
 from stages.core.params import load_params
+from stages.core.sources import load_source
 from stages.core.tracking import stage_run
 
 
 def main() -> None:
     params = load_params()
-    with stage_run("ingest", params.tracking.experiment, {"data": params.section("data")}) as run:
-        raw = build_raw_dataset(load_source(params.data.source), params.data)
+    sections = {
+        "data": params.section("data"),
+        "validate": {"feature_range": params.section("validate")["feature_range"]},
+    }
+    with stage_run("ingest", params.tracking.experiment, sections) as run:
+        source = load_source(params.data)
+        raw = build_raw_dataset(source, params.data, params.validate_.feature_range)
+        skipped = skipped_columns(source, params.data)
         write_parquet(layout.RAW, raw)
         domains = raw[DOMAIN].value_counts()
         run.log_metrics(
@@ -23,8 +32,10 @@ def main() -> None:
                 "rows_target": int(domains.get(params.data.target_domain, 0)),
             }
         )
+    if skipped:
+        print(f"ingest: not used: columns {skipped} (list them in data.features to use them)")
     print(f"ingest: {len(raw)} rows, {raw.shape[1] - 2} features -> {layout.RAW}")
 
 
 if __name__ == "__main__":
-    run_stage("ingest", main)
+    run_stage("ingest", main, sys.argv[1:])

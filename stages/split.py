@@ -1,12 +1,18 @@
-"""Stage split: stratified, seeded train/val/test inside each domain -> data/splits/."""
+"""Stage split: stratified, seeded train/val/test inside each domain -> data/splits/; then
+the leakage check (no feature row in two parts of a domain) and the drift report
+-> reports/drift.json, metrics/drift.json, plots/drift.csv."""
+
+import sys
 
 import pandas as pd
 
 from stages.core import layout
 from stages.core.cli import run_stage
-from stages.core.io import write_parquet
+from stages.core.data import RESERVED
+from stages.core.drift import drift_report, most_shifted
+from stages.core.io import write_csv, write_json, write_parquet
 from stages.core.params import load_params
-from stages.core.splitting import split_domains
+from stages.core.splitting import check_leakage, split_domains
 from stages.core.tracking import stage_run
 
 
@@ -15,14 +21,25 @@ def main() -> None:
     sections = {"data": params.section("data"), "split": params.section("split")}
     with stage_run("split", params.tracking.experiment, sections) as run:
         clean = pd.read_parquet(layout.CLEAN)
+        features = [c for c in clean.columns if c not in RESERVED]
         domains = {"base": params.data.base_domain, "target": params.data.target_domain}
         splits = split_domains(clean, params.split, domains)
+        check_leakage(splits, features, domains)
         for name, frame in splits.items():
             write_parquet(layout.SPLITS / f"{name}.parquet", frame)
+        drift = drift_report(splits, features)
+        write_json(layout.DRIFT_REPORT, drift)
+        write_json(layout.DRIFT_METRICS, drift["summary"])
+        write_csv(layout.DRIFT_PLOT, pd.DataFrame(most_shifted(drift)))
         run.log_metrics({f"rows_{name}": len(frame) for name, frame in splits.items()})
+        run.log_metrics({"drift": drift["summary"]})
+        run.log_artifacts(layout.DRIFT_REPORT, layout.DRIFT_PLOT)
     sizes = ", ".join(f"{name} {len(frame)}" for name, frame in splits.items())
-    print(f"split: {sizes}")
+    gap = drift["summary"]["domain_gap"]
+    print(
+        f"split: {sizes}; domain gap: PSI mean {gap['psi_mean']:.3f}, KS mean {gap['ks_mean']:.3f}"
+    )
 
 
 if __name__ == "__main__":
-    run_stage("split", main)
+    run_stage("split", main, sys.argv[1:])

@@ -1,6 +1,7 @@
 """Stage train: the base model on the base domain -> models/base/, metrics/train.json,
 plots/train.csv. Runs on CUDA (bf16) when present, else on the CPU."""
 
+import sys
 import time
 
 import pandas as pd
@@ -67,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train", main)
+    run_stage("train", main, sys.argv[1:])

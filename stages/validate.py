@@ -1,39 +1,81 @@
 """Stage validate: the Great Expectations gate. Clean rows go on; bad rows are quarantined
-with their reasons; the stage fails when too many rows are bad or a class is too small."""
+with their reasons; the stage fails when too many rows are bad or a class is too small.
+-> data/clean/, data/quarantine/, reports/validation.json, reports/validation.html.
+
+``python -m stages.validate --infer-suite data/suites/raw.json`` instead writes a suite
+inferred from the current raw table, to review, commit and name in ``validate.suite``.
+"""
+
+import argparse
+import sys
 
 import pandas as pd
 
 from stages.core import layout
 from stages.core.cli import run_stage
 from stages.core.data import RESERVED
-from stages.core.errors import GateError
-from stages.core.expectations import gate
-from stages.core.io import write_json, write_parquet
+from stages.core.errors import DataError, GateError
+from stages.core.expectations import gate, infer_suite, load_suite, suite_json
+from stages.core.io import write_json, write_parquet, write_text
 from stages.core.params import load_params
 from stages.core.tracking import stage_run
+from stages.core.validation_report import render_validation_html
 
 
-def main() -> None:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stages.validate", description=__doc__)
+    parser.add_argument(
+        "--infer-suite",
+        metavar="PATH",
+        help="write a suite inferred from data/raw/ to PATH (e.g. data/suites/raw.json) and stop",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
+    return parser.parse_args(argv)
+
+
+def read_raw() -> pd.DataFrame:
+    if not layout.RAW.is_file():
+        raise DataError(f"{layout.RAW}: not found; run `dvc repro ingest` first")
+    return pd.read_parquet(layout.RAW)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv or [])
     params = load_params()
+    domains = [params.data.base_domain, params.data.target_domain]
+    if args.infer_suite:
+        raw = read_raw()
+        features = params.data.features or [c for c in raw.columns if c not in RESERVED]
+        suite = infer_suite(raw, features, domains)
+        write_text(args.infer_suite, suite_json(suite))
+        print(
+            f"validate: wrote {len(suite)} expectations inferred from {layout.RAW} "
+            f"({len(raw)} rows) to {args.infer_suite}; review it, commit it and set "
+            f"validate.suite: {args.infer_suite}"
+        )
+        return
+    suite = load_suite(params.validate_.suite) if params.validate_.suite else None
     sections = {"data": params.section("data"), "validate": params.section("validate")}
     with stage_run("validate", params.tracking.experiment, sections) as run:
-        raw = pd.read_parquet(layout.RAW)
+        raw = read_raw()
         features = params.data.features or [c for c in raw.columns if c not in RESERVED]
-        domains = [params.data.base_domain, params.data.target_domain]
-        result = gate(raw, features, params.validate_, domains)
+        result = gate(raw, features, params.validate_, domains, suite)
         write_parquet(layout.CLEAN, result.clean)
         write_parquet(layout.REJECTED, result.rejected)
         write_json(layout.VALIDATION_REPORT, result.report)
+        source = params.validate_.suite or "built from params (validate.feature_range, domains)"
+        page = render_validation_html(result.report, result.expectations, result.rejected, source)
+        write_text(layout.VALIDATION_HTML, page)
         run.log_metrics(result.report)
-        run.log_artifacts(layout.VALIDATION_REPORT, parent=True)
+        run.log_artifacts(layout.VALIDATION_REPORT, layout.VALIDATION_HTML, parent=True)
         report = result.report
         print(
             f"validate: {report['rows_clean']} clean, {report['rows_quarantined']} quarantined "
-            f"of {report['rows_in']} rows -> {layout.CLEAN}"
+            f"of {report['rows_in']} rows -> {layout.CLEAN}, {layout.VALIDATION_HTML}"
         )
         if report["failures"]:
             raise GateError(report["failures"][0])
 
 
 if __name__ == "__main__":
-    run_stage("validate", main)
+    run_stage("validate", lambda: main(sys.argv[1:]), sys.argv[1:])

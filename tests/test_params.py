@@ -45,6 +45,7 @@ def test_section_is_plain_data_keyed_as_in_params_yaml(params: Params) -> None:
         "feature_range": [0.0, 16.0],
         "max_quarantine_fraction": 0.05,
         "min_rows_per_class": 5,
+        "suite": None,
     }
     assert params.section("split") == {"seed": 42, "test_size": 0.2, "val_size": 0.1}
 
@@ -98,6 +99,16 @@ def test_validate_section_reads_from_its_yaml_name() -> None:
         ({"evaluate": {"min_base_accuracy": 1.2}}, "evaluate.min_base_accuracy: "),
         ({"evaluate": {"min_class_recall": -0.1}}, "evaluate.min_class_recall: "),
         ({"evaluate": {"bootstrap_resamples": 10}}, "evaluate.bootstrap_resamples: "),
+        ({"data": {"source": "https://example.org/d.csv"}}, "data.sha256: "),
+        ({"data": {"sha256": "A" * 64, "source": "data/source/x.csv"}}, "data.sha256: "),
+        ({"data": {"sha256": "a" * 64}}, "data.sha256: "),  # sklearn: has no file to check
+        ({"data": {"download_timeout": 0}}, "data.download_timeout: "),
+        ({"data": {"image_mode": "cmyk"}}, "data.image_mode: "),
+        ({"data": {"image_shape": [8]}}, "data.image_shape: "),
+        ({"data": {"image_shape": [3, 8, 8]}}, "data.image_shape: "),  # grey needs 1 channel
+        ({"data": {"image_mode": "rgb", "image_shape": [8, 8]}}, "data.image_shape: "),
+        ({"validate": {"suite": "suite.json"}}, "validate.suite: "),
+        ({"validate": {"suite": "data/suites/raw.yaml"}}, "validate.suite: "),
         ({"tracking": {"experiment": ""}}, "tracking.experiment: "),
     ],
 )
@@ -209,3 +220,18 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path: Path) -> None:
     with pytest.raises(ParamsError) as caught:
         load_params(path)
     assert str(caught.value) == f"{path}: unknown key 'finetune.shots'"
+
+
+def test_source_params_that_are_accepted() -> None:
+    sha = "0123456789abcdef" * 4
+    params = parse_params(
+        {
+            "data": {"source": "https://example.org/d.csv", "sha256": sha},
+            "validate": {"suite": "data/suites/raw.json"},
+        }
+    )
+    assert params.data.sha256 == sha
+    assert params.validate_.suite == "data/suites/raw.json"
+    rgb = parse_params({"data": {"image_mode": "rgb", "image_shape": [3, 32, 32]}})
+    assert rgb.data.image_shape == [3, 32, 32]
+    assert parse_params({"data": {"image_shape": [1, 28, 28]}}).data.image_shape == [1, 28, 28]

@@ -12,7 +12,13 @@ from conftest import make_raw_frame
 from stages.core import layout
 from stages.core.errors import DataError
 from stages.core.params import SplitParams
-from stages.core.splitting import PARTS, split_domains, split_frame
+from stages.core.splitting import (
+    PARTS,
+    check_leakage,
+    shared_feature_rows,
+    split_domains,
+    split_frame,
+)
 
 ROLES = {"base": "base", "target": "target"}
 
@@ -121,3 +127,37 @@ def test_too_few_rows_message_names_the_class_plainly(frame: pd.DataFrame) -> No
 def test_split_paths() -> None:
     assert layout.split_path("base", "train") == Path("data/splits/base_train.parquet")
     assert layout.split_path("target", "test") == layout.SPLITS / "target_test.parquet"
+
+
+def test_clean_splits_do_not_leak(frame: pd.DataFrame) -> None:
+    splits = split_domains(frame, SplitParams(), ROLES)
+    check_leakage(splits, ["f0", "f1", "f2", "f3"], ROLES)
+
+
+def test_a_row_in_train_and_test_is_a_leak(frame: pd.DataFrame) -> None:
+    splits = split_domains(frame, SplitParams(), ROLES)
+    features = ["f0", "f1", "f2", "f3"]
+    leaked = splits["target_test"].copy()
+    leaked.loc[[0, 1], features] = splits["target_train"].loc[[3, 3], features].to_numpy()
+    splits["target_test"] = leaked
+    with pytest.raises(DataError) as caught:
+        check_leakage(splits, features, ROLES)
+    assert str(caught.value) == (
+        "split: 1 feature rows of domain 'target' are in both train and test; validate "
+        "removes duplicates before the split: keep expect_multicolumn_rows_to_be_unique "
+        "in validate.suite"
+    )
+
+
+def test_the_same_row_in_two_domains_is_not_a_leak(frame: pd.DataFrame) -> None:
+    splits = split_domains(frame, SplitParams(), ROLES)
+    features = ["f0", "f1", "f2", "f3"]
+    splits["base_test"].loc[0, features] = splits["target_train"].loc[0, features].to_numpy()
+    check_leakage(splits, features, ROLES)
+
+
+def test_shared_feature_rows_compares_values_not_only_hashes() -> None:
+    first = pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": [0.0, 0.0, 1.0]})
+    second = pd.DataFrame({"a": [3.0, 2.0, 9.0], "b": [1.0, 5.0, 0.0]})
+    shared = shared_feature_rows(first, second, ["a", "b"])
+    assert shared.to_dict("list") == {"a": [3.0], "b": [1.0]}

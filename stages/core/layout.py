@@ -2,10 +2,14 @@
 
 from pathlib import Path
 
+# Downloads of http(s) sources, by checksum (gitignored, dvcignored).
+SOURCE_CACHE = Path(".cache/sources")
 RAW = Path("data/raw/dataset.parquet")
 CLEAN = Path("data/clean/dataset.parquet")
 REJECTED = Path("data/quarantine/rejected.parquet")
 VALIDATION_REPORT = Path("reports/validation.json")
+VALIDATION_HTML = Path("reports/validation.html")
+SUITES = Path("data/suites")  # committed GX suites (validate.suite)
 SPLITS = Path("data/splits")
 BASE_MODEL = Path("models/base")
 FINETUNED_MODEL = Path("models/finetuned")
@@ -20,6 +24,9 @@ PRECISION_RECALL_PLOT = Path("plots/precision_recall.csv")
 PER_CLASS_PLOTS = Path("plots/per_class")  # <model>.csv: class, precision, recall, f1, support
 EVALUATION_REPORT = Path("reports/evaluation.md")
 FIGURES = Path("reports/figures")
+DRIFT_REPORT = Path("reports/drift.json")
+DRIFT_METRICS = Path("metrics/drift.json")
+DRIFT_PLOT = Path("plots/drift.csv")
 
 
 def split_path(role: str, part: str) -> Path:

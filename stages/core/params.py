@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from stages.core.errors import ParamsError
 
@@ -27,7 +35,10 @@ class DataParams(_Section):
     target_fraction: float = Field(0.5, gt=0, lt=1)
     target_transform: Literal["invert", "none"] = "invert"
     seed: int = 42
+    image_mode: Literal["grey", "rgb"] = "grey"
     image_shape: list[int] | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", validate_default=True)
+    download_timeout: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _distinct_domains(self) -> DataParams:
@@ -35,11 +46,45 @@ class DataParams(_Section):
             raise ValueError("base_domain and target_domain must differ")
         return self
 
+    @field_validator("sha256")
+    @classmethod
+    def _checksum_for_urls(cls, value: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source", "")
+        if value is None and source.startswith(("http://", "https://")):
+            raise ValueError(
+                "required for an http(s) source: set it to the file's SHA-256 (sha256sum FILE)"
+            )
+        if value is not None and source.startswith("sklearn:"):
+            raise ValueError("checks a file or URL source; set it to null for sklearn: sources")
+        return value
+
+    @field_validator("image_shape")
+    @classmethod
+    def _image_shape(cls, shape: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if shape is None:
+            return shape
+        if len(shape) not in (2, 3) or any(size < 1 for size in shape):
+            raise ValueError("must be [H, W] or [C, H, W] of positive sizes")
+        channels = shape[0] if len(shape) == 3 else 1
+        if channels != (3 if info.data.get("image_mode") == "rgb" else 1):
+            raise ValueError("must be [3, H, W] for image_mode rgb, [H, W] or [1, H, W] for grey")
+        return shape
+
 
 class ValidateParams(_Section):
     feature_range: tuple[float, float] | None = (0, 16)
     max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
     min_rows_per_class: int = Field(5, ge=1)
+    suite: str | None = None
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_under_data_suites(cls, value: str | None) -> str | None:
+        # validate depends on data/suites/ in dvc.yaml: a suite elsewhere would not rerun it.
+        path = PurePosixPath(value) if value is not None else None
+        if path is not None and (path.parts[:2] != ("data", "suites") or path.suffix != ".json"):
+            raise ValueError("must be a .json file under data/suites/ (e.g. data/suites/raw.json)")
+        return value
 
     @field_validator("feature_range")
     @classmethod
