@@ -13,6 +13,7 @@ from stages.core.errors import GateError
 from stages.core.evaluation import (
     classical_baseline,
     compare_on_draws,
+    evaluate_registered,
     evaluation_metrics,
     gates,
     plot_files,
@@ -25,7 +26,7 @@ from stages.core.io import write_csv, write_json, write_text
 from stages.core.metrics import per_class_scores
 from stages.core.model import load_model
 from stages.core.params import load_params
-from stages.core.registry import evaluate_registered, register
+from stages.core.registry import register
 from stages.core.report import render_report
 from stages.core.splitting import PARTS
 from stages.core.tracking import stage_run

@@ -4,69 +4,39 @@ project's plot definitions, its offline HTML template and real plot files."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import run_command
 
-ROOT = Path(__file__).resolve().parents[1]
-FILES = [
-    "dvc.yaml",
-    "params.yaml",
-    ".dvc/config",
-    ".dvc/plots/index.html",
-    "plots/train.csv",
-    "plots/finetune.csv",
-    "plots/confusion.csv",
-    "plots/roc.csv",
-    "plots/precision_recall.csv",
-    "plots/per_class",
-]
-TOP_LEVEL_PLOTS = [
-    "loss",
-    "val_accuracy",
-    "confusion",
-    "confusion_normalized",
-    "roc",
-    "precision_recall",
-    "per_class_f1",
-]
 VENDORED = {"vega": "5.33.1", "vega-lite": "5.23.0", "vega-embed": "6.29.0"}
 
 pytestmark = pytest.mark.e2e
 
 
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
+def plot_definitions(repo: Path) -> tuple[list[str], list[str]]:
+    """The top-level plot names of dvc.yaml, and the files stages declare as plots."""
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
+    top = [next(iter(entry)) for entry in pipeline.get("plots", [])]
+    staged = [
+        next(iter(entry)) if isinstance(entry, dict) else entry
+        for stage in pipeline["stages"].values()
+        for entry in stage.get("plots", [])
+    ]
+    return top, staged
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("plots")
-    for name in FILES:
-        source, target = ROOT / name, repo / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target)
-        else:
-            shutil.copy2(source, target)
-    git_id = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    run(["git", "init", "-q"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", *git_id, "commit", "-qm", "plots"], repo)
-    return repo
+def run(cmd: list[str], repo: Path, env: dict) -> subprocess.CompletedProcess:
+    return run_command(cmd, repo, env)
 
 
-def test_plots_show_renders_from_the_inlined_vega(repo: Path) -> None:
-    run(["dvc", "plots", "show", "-o", "page"], repo)
+def test_plots_show_renders_from_the_inlined_vega(pipeline_repo: Path, pipeline_env) -> None:
+    repo = pipeline_repo
+    top_level, stage_plots = plot_definitions(repo)
+    run(["dvc", "plots", "show", "-o", "page"], repo, pipeline_env)
     html = (repo / "page" / "index.html").read_text()
     # Nothing to fetch: no script loaded from anywhere, the three libraries inlined
     assert not re.search(r"<script[^>]*\ssrc\s*=", html)
@@ -74,25 +44,27 @@ def test_plots_show_renders_from_the_inlined_vega(repo: Path) -> None:
     assert f'.version="{VENDORED["vega"]}"' in html
     assert f'var n="{VENDORED["vega-lite"]}"' in html
     assert "vegaEmbed" in html and "{plot_divs}" not in html
-    # One embedded chart per top-level definition, plus the train/finetune stage plots
-    assert html.count("vegaEmbed('#") == len(TOP_LEVEL_PLOTS) + 2
-    data = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)["data"]
-    assert set(TOP_LEVEL_PLOTS) <= set(data)
+    # One embedded chart per top-level definition, plus one per file a stage declares as plots
+    assert html.count("vegaEmbed('#") == len(top_level) + len(stage_plots)
+    data = json.loads(run(["dvc", "plots", "show", "--json"], repo, pipeline_env).stdout)["data"]
+    assert set(top_level) <= set(data)
     roc = data["roc"][0]["content"]["data"]["values"]
     assert {"fpr", "tpr"} <= set(roc[0]) and len(roc) > 10
     per_class = data["per_class_f1"][0]["content"]["data"]["values"]
     assert {row["filename"] for row in per_class} == {"base.csv", "finetuned.csv", "scratch.csv"}
 
 
-def test_plots_diff_compares_two_revisions(repo: Path) -> None:
+def test_plots_diff_compares_two_revisions(pipeline_repo: Path, pipeline_env) -> None:
+    repo = pipeline_repo
     roc = repo / "plots" / "roc.csv"
     lines = roc.read_text().splitlines()
     roc.write_text("\n".join([lines[0], "0,0", "0.5,0.9", "1,1"]) + "\n")  # a worse model
-    data = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)["data"]
+    diff = run(["dvc", "plots", "diff", "HEAD", "--json"], repo, pipeline_env)
+    data = json.loads(diff.stdout)["data"]
     assert sorted(data["roc"][0]["revisions"]) == ["HEAD", "workspace"]
     values = data["roc"][0]["content"]["data"]["values"]
     by_rev = {rev: [v for v in values if v["rev"] == rev] for rev in ("HEAD", "workspace")}
     assert len(by_rev["workspace"]) == 3 and len(by_rev["HEAD"]) == len(lines) - 1
-    run(["dvc", "plots", "diff", "HEAD", "-o", "diff"], repo)
-    assert (repo / "diff" / "index.html").is_file()
-    run(["git", "checkout", "--", "plots/roc.csv"], repo)
+    run(["dvc", "plots", "diff", "HEAD", "-o", "diff"], repo, pipeline_env)
+    page = (repo / "diff" / "index.html").read_text()
+    assert "0.5" in page and "workspace" in page

@@ -247,6 +247,7 @@ def log_classifier_evaluation(
     features: list[str],
     proba: np.ndarray,
     classes: list,
+    source: str | None = None,
 ) -> dict[str, float]:
     """``mlflow.models.evaluate`` (classifier) of ``model`` on ``test``, into the active run.
 
@@ -254,10 +255,13 @@ def log_classifier_evaluation(
     URI. MLflow computes no ROC AUC or log loss for a model that is not scikit-learn's, so
     ``roc_auc`` (one-vs-rest) and ``log_loss`` come as extra metrics from ``proba``, the
     model's class probabilities for the rows of ``test`` (columns in ``classes`` order).
-    Explainability (SHAP) is off. Returns MLflow's metrics.
+    Explainability (SHAP) is off. With ``source``, the file ``test`` was read from, MLflow
+    records the data as that dataset, its digest DVC's md5. Returns MLflow's metrics.
     """
     import mlflow
     from sklearn.metrics import log_loss
+
+    from stages.core.lineage import dvc_md5
 
     def rows(targets: pd.Series) -> np.ndarray:
         # MLflow hands metrics the targets by row position (and first tries a single row).
@@ -282,10 +286,19 @@ def log_classifier_evaluation(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+            # "Source can be interpreted in multiple ways": a local file, either way.
+            warnings.filterwarnings("ignore", message="The specified dataset source")
+            data = test[[*features, LABEL]].reset_index(drop=True)
+            targets = LABEL
+            if source is not None:
+                data = mlflow.data.from_pandas(
+                    data, source, LABEL, Path(source).stem, digest=dvc_md5(source)
+                )
+                targets = None  # the dataset names them
             result = mlflow.models.evaluate(
                 model,
-                test[[*features, LABEL]].reset_index(drop=True),
-                targets=LABEL,
+                data,
+                targets=targets,
                 feature_names=features,
                 model_type="classifier",
                 evaluator_config={
@@ -308,3 +321,12 @@ def label_predictor(model: Classifier, config: ModelConfig) -> Callable[[pd.Data
         return np.asarray(config.classes)[predict_proba(model, x).argmax(dim=1).numpy()]
 
     return predict_labels
+
+
+def evaluate_registered(recorder, test_path: str, features: list, proba, classes: list) -> None:
+    """``log_classifier_evaluation`` of the model version that stages.core.registry.register
+    just made, run where MLflow runs (``run.send(evaluate_registered, ...)``)."""
+    recorder.activate()
+    log_classifier_evaluation(
+        recorder.registered, pd.read_parquet(test_path), features, proba, classes, test_path
+    )

@@ -97,16 +97,3 @@ def register(
     )
     recorder.registered = f"models:/{name}/{version}"
     return line
-
-
-def evaluate_registered(recorder, test_path: str, features: list, proba, classes: list) -> None:
-    """``mlflow.models.evaluate`` of the version ``register`` just made, on the stage's run
-    (``proba``: our class probabilities of the test rows, for ROC AUC and log loss)."""
-    import pandas as pd
-
-    from stages.core.evaluation import log_classifier_evaluation
-
-    recorder.activate()
-    log_classifier_evaluation(
-        recorder.registered, pd.read_parquet(test_path), features, proba, classes
-    )
