@@ -5,13 +5,13 @@ import pandas as pd
 import torch
 
 from stages.core import layout
+from stages.core.architectures import count_parameters
 from stages.core.cli import run_stage
-from stages.core.data import LABEL, RESERVED
 from stages.core.io import write_csv, write_json
-from stages.core.model import Classifier, ModelConfig, encode, fit_scaling, save_model
+from stages.core.model import Classifier, base_config, encode, save_model
 from stages.core.params import load_params
 from stages.core.tracking import stage_run
-from stages.core.training import FitOptions, fit, fit_summary, history_rows
+from stages.core.training import fit, fit_options, fit_summary, history_rows
 
 
 def main() -> None:
@@ -21,27 +21,17 @@ def main() -> None:
     with stage_run("train", params.tracking.experiment, sections) as run:
         train = pd.read_parquet(layout.split_path("base", "train"))
         val = pd.read_parquet(layout.split_path("base", "val"))
-        features = [c for c in train.columns if c not in RESERVED]
-        mean, std = fit_scaling(train[features].to_numpy(), params.model.scaling)
-        config = ModelConfig(
-            arch=params.model.arch,
-            n_features=len(features),
-            hidden=list(params.model.hidden),
-            dropout=params.model.dropout,
-            classes=sorted(train[LABEL].unique().tolist()),
-            feature_names=features,
-            mean=mean,
-            std=std,
-            image_shape=params.data.image_shape,
-            trained_on={"domain": params.data.base_domain, "rows": len(train)},
-        )
+        config = base_config(train, params.model, params.data)
         torch.manual_seed(params.train.seed)
         model = Classifier(config)
-        options = FitOptions(**params.section("train"))
+        n_parameters = count_parameters(model)
+        run.log_metrics({"parameters": n_parameters})
+        print(f"train: {config.arch} with {n_parameters:,} parameters")
+        options = fit_options(params.section("train"))
         result = fit(model, encode(train, config), encode(val, config), options, run.log_epoch)
         save_model(layout.BASE_MODEL, model, config)
         summary = fit_summary(result)
-        write_json(layout.TRAIN_METRICS, summary)
+        write_json(layout.TRAIN_METRICS, summary | {"parameters": n_parameters})
         write_csv(layout.TRAIN_PLOT, pd.DataFrame(history_rows(result)))
         run.log_metrics({f"best_{k}": v for k, v in summary.items()})
         run.log_artifacts(layout.BASE_MODEL, layout.TRAIN_PLOT)

@@ -15,3 +15,11 @@ class DataError(PipelineError):
 
 class GateError(PipelineError):
     """A quality gate failed (quarantine share, accuracy, transfer gain)."""
+
+
+class ModelError(PipelineError):
+    """A saved model is missing, unreadable or does not match its config."""
+
+
+class TrainingError(PipelineError):
+    """Training cannot give a usable model (for example, the loss is NaN from the start)."""

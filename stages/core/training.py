@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,12 @@ class FitOptions:
     device: str = "auto"
     precision: str = "auto"
     cpu_threads: int | None = None  # None keeps torch's default
+
+
+def fit_options(section: Mapping[str, Any], **overrides: Any) -> FitOptions:
+    """FitOptions from a params section (``train``), skipping its keys that are not options."""
+    names = {f.name for f in fields(FitOptions)}
+    return FitOptions(**{k: v for k, v in section.items() if k in names} | overrides)
 
 
 @dataclass(frozen=True)
