@@ -4,6 +4,7 @@ per class -> models/finetuned/, metrics/finetune.json, plots/finetune.csv."""
 import pandas as pd
 
 from stages.core import layout
+from stages.core.architectures import count_parameters
 from stages.core.cli import run_stage
 from stages.core.finetuning import fine_tune, sample_shots
 from stages.core.io import write_csv, write_json
@@ -33,13 +34,17 @@ def main() -> None:
         save_model(layout.FINETUNED_MODEL, model, config)
         summary = fit_summary(result) | {
             "shots": len(shots),
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "trainable_parameters": result.trainable_parameters,
         }
         write_json(layout.FINETUNE_METRICS, summary)
         write_csv(layout.FINETUNE_PLOT, pd.DataFrame(history_rows(result)))
         run.log_metrics({f"final_{k}": v for k, v in summary.items()})
         run.log_artifacts(layout.FINETUNED_MODEL, layout.FINETUNE_PLOT)
-    print(f"finetune: {len(shots)} shots, target val accuracy {summary['val_accuracy']:.3f}")
+    print(
+        f"finetune: {params.finetune.strategy} trained {result.trainable_parameters:,} of "
+        f"{count_parameters(model):,} parameters on {len(shots)} shots, "
+        f"target val accuracy {summary['val_accuracy']:.3f}"
+    )
 
 
 if __name__ == "__main__":

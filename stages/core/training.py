@@ -46,6 +46,7 @@ class FitResult:
     history: list[EpochStats]
     best_epoch: int
     stopped_early: bool
+    trainable_parameters: int = 0
 
     @property
     def best(self) -> EpochStats:
@@ -58,11 +59,15 @@ def fit(
     val: tuple[torch.Tensor, torch.Tensor],
     options: FitOptions,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    *,
+    param_groups: list[dict] | None = None,
 ) -> FitResult:
     """Train the model's trainable parameters with Adam and cross-entropy.
 
-    With ``patience`` set, stops when val loss has not improved for that many epochs and
-    restores the best weights. The model is left on the CPU.
+    ``param_groups`` (Adam's groups, each may set its own ``lr``) replaces the default single
+    group of every parameter that requires grad. With ``patience`` set, stops when val loss has
+    not improved for that many epochs and restores the best weights. The model is left on the
+    CPU.
     """
     device = resolve_device(options.device)
     if device.type == "cpu" and options.cpu_threads:
@@ -72,8 +77,9 @@ def fit(
     model.to(device)
     x_train, y_train = (t.to(device) for t in train)
     x_val, y_val = (t.to(device) for t in val)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=options.lr, weight_decay=options.weight_decay)
+    groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    trainable = sum(p.numel() for group in groups for p in group["params"])
+    optimizer = torch.optim.Adam(groups, lr=options.lr, weight_decay=options.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(options.seed)
     history: list[EpochStats] = []
@@ -110,7 +116,7 @@ def fit(
         model.load_state_dict(best_state)
     model.to("cpu")
     stopped_early = len(history) < options.epochs
-    return FitResult(history=history, best_epoch=best_epoch, stopped_early=stopped_early)
+    return FitResult(history, best_epoch, stopped_early, trainable)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
