@@ -1,41 +1,83 @@
 """Stage train: the base model on the base domain -> models/base/, metrics/train.json,
-plots/train.csv. Runs on CUDA (bf16) when present, else on the CPU."""
+plots/train.csv. Runs on CUDA (bf16) when present, else on the CPU; with ``train.nproc`` > 1 it
+relaunches itself through torchrun and trains with DDP. A killed run resumes from its last
+checkpoint (``.checkpoints/train/``) and continues the same MLflow run."""
+
+from contextlib import nullcontext
 
 import pandas as pd
 import torch
 
 from stages.core import layout
 from stages.core.architectures import count_parameters
+from stages.core.checkpoints import Checkpoints, fingerprint
 from stages.core.cli import run_stage
+from stages.core.distributed import World, check_devices, needs_launch, process_group, relaunch
 from stages.core.io import write_csv, write_json
 from stages.core.model import Classifier, base_config, encode, save_model
-from stages.core.params import load_params
+from stages.core.params import Params, load_params
 from stages.core.tracking import stage_run
 from stages.core.training import fit, fit_options, fit_summary, history_rows
 
 
 def main() -> None:
     params = load_params()
+    check_devices(params.train)
+    if needs_launch(params.train):
+        relaunch("stages.train", params.train, "train")
+        return
+    with process_group(params.train.device) as world:
+        train(params, world)
+
+
+def train(params: Params, world: World) -> None:
     sections = {key: params.section(key) for key in ("model", "train")}
     sections["data"] = {"image_shape": params.data.image_shape}
-    with stage_run("train", params.tracking.experiment, sections) as run:
-        train = pd.read_parquet(layout.split_path("base", "train"))
-        val = pd.read_parquet(layout.split_path("base", "val"))
-        config = base_config(train, params.model, params.data)
+    inputs = [layout.split_path("base", "train"), layout.split_path("base", "val")]
+    checkpoints = Checkpoints(
+        layout.checkpoint_dir("train"),
+        fingerprint(sections, inputs),
+        params.train.checkpoint_every,
+        "train",
+        main=world.is_main,
+    )
+    resumed = checkpoints.latest() or {}
+    # Only rank 0 logs: the other workers train their shard and write nothing.
+    tracking = (
+        stage_run("train", params.tracking.experiment, sections, resumed.get("run_id"))
+        if world.is_main
+        else nullcontext()
+    )
+    with tracking as run:
+        if run is not None:
+            checkpoints.extra["run_id"] = run.id
+        base_train, val = (pd.read_parquet(path) for path in inputs)
+        config = base_config(base_train, params.model, params.data)
         torch.manual_seed(params.train.seed)
         model = Classifier(config)
         n_parameters = count_parameters(model)
-        run.log_metrics({"parameters": n_parameters})
-        print(f"train: {config.arch} with {n_parameters:,} parameters")
-        options = fit_options(params.section("train"))
-        result = fit(model, encode(train, config), encode(val, config), options, run.log_epoch)
+        result = fit(
+            model,
+            encode(base_train, config),
+            encode(val, config),
+            fit_options(params.section("train")),
+            run.log_epoch if run is not None else None,
+            checkpoints=checkpoints,
+            progress="train",
+        )
+        if run is None:
+            return
         save_model(layout.BASE_MODEL, model, config)
         summary = fit_summary(result)
         write_json(layout.TRAIN_METRICS, summary | {"parameters": n_parameters})
         write_csv(layout.TRAIN_PLOT, pd.DataFrame(history_rows(result)))
-        run.log_metrics({f"best_{k}": v for k, v in summary.items()})
+        run.log_metrics({f"best_{k}": v for k, v in summary.items()} | {"parameters": n_parameters})
         run.log_artifacts(layout.BASE_MODEL, layout.TRAIN_PLOT)
-    print(f"train: val accuracy {summary['val_accuracy']:.3f} at epoch {summary['best_epoch']}")
+        checkpoints.clear()
+    print(
+        f"train: {config.arch} of {n_parameters:,} parameters on {world.size} process(es), "
+        f"val accuracy {summary['val_accuracy']:.3f} at epoch {summary['best_epoch']}"
+    )
 
 
 if __name__ == "__main__":

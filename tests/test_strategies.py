@@ -216,3 +216,44 @@ def test_head_and_full_do_not_import_peft(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_a_lora_run_resumes_to_the_same_bytes(bases, tmp_path: Path, capsys) -> None:
+    """A LoRA fine-tune killed mid-run resumes from its checkpoint (adapters, the head copy,
+    Adam, LoRA dropout's RNG) and merges into the same weights as an uninterrupted run."""
+    from stages.core.checkpoints import Checkpoints, fingerprint
+
+    config = _image_config("transformer", [4, 4], TRANSFORMER)
+    params = parse_params(
+        {
+            "finetune": {
+                "strategy": "lora",
+                "epochs": 8,
+                "lr": 0.02,
+                "schedule": "cosine",
+                "lora": {"rank": 2, "dropout": 0.2},
+            },
+            "train": {"device": "cpu"},
+        }
+    )
+    shots = _frame(_inverted(_bars(3, 3)), config.feature_names)
+    val = _frame(_inverted(_bars(3, 4)), config.feature_names)
+    expected, _, _ = fine_tune(bases["transformer"], config, shots, val, params, seed=3)
+
+    def checkpoints() -> Checkpoints:
+        return Checkpoints(tmp_path / "finetune", fingerprint({}, []), 2, "finetune")
+
+    def kill_at_5(stats) -> None:
+        if stats.epoch == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(bases["transformer"], config, shots, val, params, 3, kill_at_5,
+                  checkpoints=checkpoints())  # fmt: skip
+    torch.manual_seed(1234)  # a new process's RNG: the checkpoint restores the real one
+    resumed, _, result = fine_tune(
+        bases["transformer"], config, shots, val, params, 3, checkpoints=checkpoints()
+    )
+    assert "finetune: resuming from epoch 4 " in capsys.readouterr().out
+    assert [s.epoch for s in result.history] == list(range(1, 9))
+    assert states_equal(state_copy(resumed), state_copy(expected))

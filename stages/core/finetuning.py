@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from stages.core.checkpoints import Checkpoints
 from stages.core.data import LABEL, plain
 from stages.core.errors import DataError
 from stages.core.lora import add_lora, merge_lora, resolve_targets
@@ -85,6 +86,11 @@ def few_shot_options(params: Params, seed: int | None = None) -> FitOptions:
         device=params.train.device,
         precision=params.train.precision,
         cpu_threads=params.train.cpu_threads,
+        schedule=tune.schedule,
+        warmup_epochs=tune.warmup_epochs,
+        grad_clip=tune.grad_clip,
+        grad_accum=tune.grad_accum,
+        compile=params.train.compile,
     )
 
 
@@ -96,6 +102,9 @@ def fine_tune(
     params: Params,
     seed: int,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    *,
+    checkpoints: Checkpoints | None = None,
+    progress: str | None = None,
 ) -> tuple[Classifier, ModelConfig, FitResult]:
     """The fine-tune recipe: a new head over the shots' classes, ``finetune.strategy``,
     trained on ``shots`` with the few-shot options and ``seed``. The model comes back as a
@@ -109,6 +118,13 @@ def fine_tune(
     options = few_shot_options(params, seed)
     groups = optimizer_groups(model, tune.body_lr)
     result = fit(
-        model, encode(shots, config), encode(val, config), options, on_epoch, param_groups=groups
+        model,
+        encode(shots, config),
+        encode(val, config),
+        options,
+        on_epoch,
+        param_groups=groups,
+        checkpoints=checkpoints,
+        progress=progress,
     )
     return merge_lora(model), config, result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from stages.core.architectures import build_body
 from stages.core.data import LABEL, RESERVED
-from stages.core.errors import DataError, ModelError
+from stages.core.errors import DataError, ModelError, ParamsError
 from stages.core.io import read_json, write_atomic, write_json
 from stages.core.params import DataParams, ModelParams
 
@@ -101,10 +102,28 @@ def fit_scaling(x: np.ndarray, mode: str) -> tuple[list[float], list[float]]:
 
 
 def resolve_device(requested: str) -> torch.device:
-    """``auto`` picks CUDA when it is available, else the CPU."""
+    """``auto`` picks CUDA when it is available, else the CPU. Under torchrun, ``cuda`` is the
+    GPU of the process's local rank. CUDA asked for but absent is a ParamsError naming
+    ``train.device``."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        requested = "cuda"
+    device = torch.device(requested)
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise ParamsError(
+            f"train.device: {requested!r}, but PyTorch sees no CUDA device "
+            f"(torch {torch.__version__}, {build}); use auto or cpu"
+        )
+    if device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.index is not None and device.index >= count:
+        raise ParamsError(f"train.device: {requested!r}, but there are {count} CUDA device(s)")
+    return device
 
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:

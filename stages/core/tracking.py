@@ -109,17 +109,38 @@ def _is_number(value: Any) -> bool:
 
 
 @contextmanager
-def stage_run(stage: str, experiment: str, params: Mapping[str, Any]) -> Iterator[StageRun]:
-    """An MLflow run for one stage, named after it, holding the params it read (flattened)."""
+def stage_run(
+    stage: str, experiment: str, params: Mapping[str, Any], run_id: str | None = None
+) -> Iterator[StageRun]:
+    """An MLflow run for one stage, named after it, holding the params it read (flattened).
+
+    ``run_id`` (a stage resumed from a checkpoint) continues that run, whose params are already
+    logged; a run id the store does not know starts a new run.
+    """
     import mlflow
 
     experiment_id = ensure_experiment(experiment)
+    if run_id is not None and _known_run(run_id):
+        with mlflow.start_run(run_id=run_id) as run:
+            yield StageRun(run)
+        return
     tags = {"stage": stage}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
         mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()})
         yield StageRun(run)
+
+
+def _known_run(run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 def _param_value(value: Any) -> Any:
