@@ -176,7 +176,8 @@ def _poison_val_after(val: tuple[torch.Tensor, torch.Tensor], epoch: int):
 def test_nan_later_without_early_stopping_is_an_error(config, blobs) -> None:
     train, val = blobs[0], (blobs[1][0].clone(), blobs[1][1])
     with pytest.raises(TrainingError, match=r"^val loss is nan at epoch 6, the epoch kept: "):
-        fit(make_model(config), train, val, FitOptions(6, 16, 0.01), _poison_val_after(val, 3))
+        options = FitOptions(6, 16, 0.01, device="cpu")  # the val tensor is used in place
+        fit(make_model(config), train, val, options, _poison_val_after(val, 3))
 
 
 def test_nan_later_with_early_stopping_keeps_the_best_finite_epoch(config, blobs) -> None:
