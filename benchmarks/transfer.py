@@ -69,7 +69,8 @@ def main() -> None:
           "worst gain | trainable | seconds |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     for arch in args.arch:
-        arch_raw = with_overrides(json.loads(json.dumps(raw)), [f"model.arch={arch}"])
+        first = f"finetune.strategy={args.strategy[0]}"  # some finetune keys need a strategy
+        arch_raw = with_overrides(json.loads(json.dumps(raw)), [f"model.arch={arch}", first])
         started = time.perf_counter()
         params = parse_params(arch_raw)
         base, config = train_base(params, splits)

@@ -262,7 +262,7 @@ def test_an_mlp_config_from_before_the_registry_still_loads(tmp_path: Path) -> N
         ),
         (
             {"model": {"transformer": {"width": 30, "heads": 4}}},
-            "params.yaml: model.transformer: Value error, width 30 must be a multiple of heads 4",
+            "params.yaml: model.transformer: width 30 must be a multiple of heads 4",
         ),
         ({"model": {"cnn": {"kernel_size": 2}}}, "params.yaml: model.cnn.kernel_size: "),
         ({"model": {"cnn": {"channels": [8, 0]}}}, "params.yaml: model.cnn.channels: "),

@@ -48,3 +48,16 @@ def test_peak_table() -> None:
     assert peak_tflops("NVIDIA H200") == 989.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops("Some Future GPU") is None
+
+
+def test_transfer_overrides_are_yaml_values_at_dotted_keys() -> None:
+    from benchmarks.transfer import with_overrides
+
+    raw = {"finetune": {"lr": 0.01, "lora": {"rank": 4}}}
+    changed = with_overrides(
+        raw, ["finetune.lora.rank=8", "finetune.lora.target_modules=[qkv, out]", "model.arch=cnn"]
+    )
+    assert changed == {
+        "finetune": {"lr": 0.01, "lora": {"rank": 8, "target_modules": ["qkv", "out"]}},
+        "model": {"arch": "cnn"},
+    }

@@ -159,9 +159,11 @@ class TrainParams(_Section):
 
 
 class LoraParams(_Section):
-    rank: int = Field(4, ge=1)
-    alpha: float = Field(8.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    # Measured on the digits (benchmarks/README.md): rank 8, alpha 16 and dropout 0.1 transfer
+    # better than rank 4 without dropout, for the transformer and the mlp.
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, min_length=1)
 
 
@@ -238,12 +240,13 @@ class Params(_Section):
 
 def _describe(error: dict, path: Path) -> str:
     key = ".".join(str(part) for part in error["loc"])
-    message = error["msg"]
+    message = error["msg"].removeprefix("Value error, ")
     if not key:  # a check across sections: its message names the keys
-        return f"{path}: {message.removeprefix('Value error, ')}"
+        return f"{path}: {message}"
     if error["type"] == "extra_forbidden":
         return f"{path}: unknown key '{key}'"
-    if "input" in error and error["type"] != "missing":
+    # A whole section as the bad input would bury the message: show values, not sections.
+    if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict):
         return f"{path}: {key}: {message} (got {error['input']!r})"
     return f"{path}: {key}: {message}"
 

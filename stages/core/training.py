@@ -106,14 +106,11 @@ def fit(
     trained = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.Adam(groups, lr=options.lr, weight_decay=options.weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / (options.batch_size * options.grad_accum))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lr_factor(
-            options.schedule,
-            round(options.warmup_epochs * steps_per_epoch),
-            options.epochs * steps_per_epoch,
-        ),
-    )
+    warmup_steps = round(options.warmup_epochs * steps_per_epoch)
+    scheduler = None  # a constant lr needs none (and saves its per-step cost)
+    if options.schedule != "constant" or warmup_steps > 0:
+        factor = lr_factor(options.schedule, warmup_steps, options.epochs * steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generator = torch.Generator().manual_seed(options.seed)
     loop = _LoopState()
     resumed = checkpoints.latest() if checkpoints is not None else None
@@ -214,7 +211,7 @@ def _for_training(
 def _train_epoch(
     step_model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     data: tuple[torch.Tensor, torch.Tensor],
     generator: torch.Generator,
     options: FitOptions,
@@ -260,7 +257,8 @@ def _train_epoch(
         if options.grad_clip is not None:
             nn.utils.clip_grad_norm_(trained, options.grad_clip)
         optimizer.step()
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
     return total
 
 
@@ -274,7 +272,7 @@ def _rng_state(device: torch.device) -> dict:
 def _snapshot(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     generator: torch.Generator,
     loop: _LoopState,
     world: World,
@@ -286,7 +284,7 @@ def _snapshot(
         "epoch": loop.epoch,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
         "shuffle_rng": generator.get_state(),
         "rng": world.gather(_rng_state(device)),  # dropout and LoRA dropout draw from these
         "history": [asdict(stats) for stats in loop.history],
@@ -300,7 +298,7 @@ def _restore(
     state: dict,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     generator: torch.Generator,
     loop: _LoopState,
     world: World,
@@ -309,7 +307,8 @@ def _restore(
     """Put the loop back where ``state`` (a checkpoint) left it."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["shuffle_rng"])
     rng = state["rng"][world.rank]
     torch.set_rng_state(rng["torch"])
