@@ -51,8 +51,9 @@ class Checkpoints:
     """The checkpoints of one stage's training run.
 
     ``every``: save every that many epochs (None: never save, never resume). ``main``: this
-    process writes and speaks (rank 0); the others only read. ``extra`` is saved along with
-    each checkpoint (the stage puts its MLflow run id there).
+    process reads, writes and speaks (rank 0); under DDP the others receive its checkpoint from
+    fit(), so that nodes without a shared disk resume alike. ``extra`` is saved along with each
+    checkpoint (the stage puts its MLflow run id there).
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class Checkpoints:
         another fingerprint (a note), or unreadable (a one-line warning). Read once."""
         if not self._loaded:
             self._loaded = True
-            self._latest = self._read() if self.every else None
+            self._latest = self._read() if self.every and self.main else None
             if self._latest is not None:
                 self._say(f"resuming from epoch {self._latest['epoch']} ({self.path})")
         return self._latest

@@ -47,6 +47,16 @@ class World:
         dist.all_gather_object(values, value)
         return values
 
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (the others pass anything, e.g. None)."""
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def current_world() -> World:
     """The process group's view of this process, or a world of one."""

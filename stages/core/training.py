@@ -114,6 +114,8 @@ def fit(
     generator = torch.Generator().manual_seed(options.seed)
     loop = _LoopState()
     resumed = checkpoints.latest() if checkpoints is not None else None
+    if checkpoints is not None and world.size > 1:
+        resumed = world.broadcast(resumed)  # rank 0's: other nodes may not share its disk
     if resumed is not None:
         _restore(resumed, model, optimizer, scheduler, generator, loop, world, device)
     step_model = _for_training(model, options, world, device)
