@@ -152,7 +152,7 @@ def fit(
     if not math.isfinite(kept.val_loss):
         raise TrainingError(
             f"val loss is {kept.val_loss} at epoch {kept.epoch}, the epoch kept: the training "
-            f"diverged; try a lower lr (now {options.lr:g}) or train.grad_clip"
+            f"diverged; try a lower lr (now {options.lr:g}) or grad_clip"
         )
     stopped_early = len(loop.history) < options.epochs
     return FitResult(loop.history, loop.best_epoch, stopped_early, sum(p.numel() for p in trained))
