@@ -1,5 +1,7 @@
 """Stage finetune: adapt the base model to the target domain from a few labelled examples
-per class -> models/finetuned/, metrics/finetune.json, plots/finetune.csv."""
+per class (finetune.strategy: head, full or lora) -> models/finetuned/, metrics/finetune.json,
+plots/finetune.csv. A killed run resumes from its last checkpoint (``.checkpoints/finetune/``)
+and continues the same MLflow run."""
 
 import sys
 import time
@@ -7,23 +9,34 @@ import time
 import pandas as pd
 
 from stages.core import layout
+from stages.core.architectures import count_parameters
+from stages.core.checkpoints import Checkpoints, fingerprint
 from stages.core.cli import run_stage
 from stages.core.finetuning import fine_tune, sample_shots
 from stages.core.io import write_csv, write_json
-from stages.core.model import load_model, save_model, trainable_parameters
+from stages.core.model import load_model, resolve_device, save_model
 from stages.core.params import load_params
 from stages.core.registry import log_model
 from stages.core.tracking import stage_run
 from stages.core.training import fit_summary, history_rows
 
+TRAIN_KEYS = ("device", "precision", "cpu_threads", "compile")
+
 
 def main() -> None:
     params = load_params()
+    resolve_device(params.train.device)
     sections = {"finetune": params.section("finetune")}
-    sections["train"] = {
-        k: getattr(params.train, k) for k in ("device", "precision", "cpu_threads")
-    }
-    with stage_run("finetune", params.tracking.experiment, sections) as run:
+    sections["train"] = {k: getattr(params.train, k) for k in TRAIN_KEYS}
+    inputs = [layout.BASE_MODEL, layout.split_path("target", "train")]
+    inputs.append(layout.split_path("target", "val"))
+    every = params.finetune.checkpoint_every
+    checkpoints = Checkpoints(
+        layout.checkpoint_dir("finetune"), fingerprint(sections, inputs), every, "finetune"
+    )
+    resumed = checkpoints.latest() is not None
+    experiment = params.tracking.experiment
+    with stage_run("finetune", experiment, sections, checkpoints.fingerprint, resumed) as run:
         started = time.perf_counter()
         base, base_config = load_model(layout.BASE_MODEL)
         run.log_dataset(layout.split_path("target", "train"), "training")
@@ -35,12 +48,20 @@ def main() -> None:
         )
         val = pd.read_parquet(layout.split_path("target", "val"))
         model, config, result = fine_tune(
-            base, base_config, shots, val, params, params.finetune.seed, run.log_epoch
+            base,
+            base_config,
+            shots,
+            val,
+            params,
+            params.finetune.seed,
+            run.log_epoch,
+            checkpoints=checkpoints,
+            progress="finetune",
         )
         save_model(layout.FINETUNED_MODEL, model, config)
         summary = fit_summary(result) | {
             "shots": len(shots),
-            "trainable_parameters": trainable_parameters(model),
+            "trainable_parameters": result.trainable_parameters,
         }
         write_json(layout.FINETUNE_METRICS, summary)
         write_csv(layout.FINETUNE_PLOT, pd.DataFrame(history_rows(result)))
@@ -50,7 +71,12 @@ def main() -> None:
         )
         run.log_artifacts(layout.FINETUNE_PLOT)
         run.send(log_model, layout.FINETUNED_MODEL, layout.split_path("target", "val"))
-    print(f"finetune: {len(shots)} shots, target val accuracy {summary['val_accuracy']:.3f}")
+        checkpoints.clear()
+    print(
+        f"finetune: {params.finetune.strategy} trained {result.trainable_parameters:,} of "
+        f"{count_parameters(model):,} parameters on {len(shots)} shots, "
+        f"target val accuracy {summary['val_accuracy']:.3f}"
+    )
 
 
 if __name__ == "__main__":

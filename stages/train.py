@@ -1,70 +1,94 @@
 """Stage train: the base model on the base domain -> models/base/, metrics/train.json,
-plots/train.csv. Runs on CUDA (bf16) when present, else on the CPU."""
+plots/train.csv. Runs on CUDA (bf16) when present, else on the CPU; with ``train.nproc`` > 1 it
+relaunches itself through torchrun and trains with DDP. A killed run resumes from its last
+checkpoint (``.checkpoints/train/``) and continues the same MLflow run."""
 
 import sys
 import time
+from contextlib import nullcontext
 
 import pandas as pd
 import torch
 
 from stages.core import layout
+from stages.core.architectures import count_parameters
+from stages.core.checkpoints import Checkpoints, fingerprint
 from stages.core.cli import run_stage
-from stages.core.data import LABEL, RESERVED
+from stages.core.distributed import World, check_devices, needs_launch, process_group, relaunch
 from stages.core.io import write_csv, write_json
-from stages.core.model import (
-    Classifier,
-    ModelConfig,
-    encode,
-    fit_scaling,
-    save_model,
-    trainable_parameters,
-)
-from stages.core.params import load_params
+from stages.core.model import Classifier, base_config, encode, save_model
+from stages.core.params import Params, load_params
 from stages.core.registry import log_model
 from stages.core.tracking import stage_run
-from stages.core.training import FitOptions, fit, fit_summary, history_rows
+from stages.core.training import fit, fit_options, fit_summary, history_rows
 
 
 def main() -> None:
     params = load_params()
+    check_devices(params.train)
+    if needs_launch(params.train):
+        relaunch("stages.train", params.train, "train")
+        return
+    with process_group(params.train.device) as world:
+        train(params, world)
+
+
+def train(params: Params, world: World) -> None:
     sections = {key: params.section(key) for key in ("model", "train")}
     sections["data"] = {"image_shape": params.data.image_shape}
-    with stage_run("train", params.tracking.experiment, sections) as run:
+    inputs = [layout.split_path("base", "train"), layout.split_path("base", "val")]
+    checkpoints = Checkpoints(
+        layout.checkpoint_dir("train"),
+        fingerprint(sections, inputs),
+        params.train.checkpoint_every,
+        "train",
+        main=world.is_main,
+    )
+    resumed = checkpoints.latest() is not None
+    # Only rank 0 logs: the other workers train their shard and write nothing.
+    experiment = params.tracking.experiment
+    tracking = (
+        stage_run("train", experiment, sections, checkpoints.fingerprint, resumed)
+        if world.is_main
+        else nullcontext()
+    )
+    with tracking as run:
         started = time.perf_counter()
-        train = pd.read_parquet(layout.split_path("base", "train"))
-        val = pd.read_parquet(layout.split_path("base", "val"))
-        run.log_dataset(layout.split_path("base", "train"), "training")
-        run.log_dataset(layout.split_path("base", "val"), "validation")
-        features = [c for c in train.columns if c not in RESERVED]
-        mean, std = fit_scaling(train[features].to_numpy(), params.model.scaling)
-        config = ModelConfig(
-            arch=params.model.arch,
-            n_features=len(features),
-            hidden=list(params.model.hidden),
-            dropout=params.model.dropout,
-            classes=sorted(train[LABEL].unique().tolist()),
-            feature_names=features,
-            mean=mean,
-            std=std,
-            image_shape=params.data.image_shape,
-            trained_on={"domain": params.data.base_domain, "rows": len(train)},
-        )
+        if run is not None:
+            run.log_dataset(inputs[0], "training")
+            run.log_dataset(inputs[1], "validation")
+        base_train, val = (pd.read_parquet(path) for path in inputs)
+        config = base_config(base_train, params.model, params.data)
         torch.manual_seed(params.train.seed)
         model = Classifier(config)
-        options = FitOptions(**params.section("train"))
-        result = fit(model, encode(train, config), encode(val, config), options, run.log_epoch)
+        n_parameters = count_parameters(model)
+        result = fit(
+            model,
+            encode(base_train, config),
+            encode(val, config),
+            fit_options(params.section("train")),
+            run.log_epoch if run is not None else None,
+            checkpoints=checkpoints,
+            progress="train",
+        )
+        if run is None:
+            return
         save_model(layout.BASE_MODEL, model, config)
         summary = fit_summary(result)
-        write_json(layout.TRAIN_METRICS, summary)
+        write_json(layout.TRAIN_METRICS, summary | {"parameters": n_parameters})
         write_csv(layout.TRAIN_PLOT, pd.DataFrame(history_rows(result)))
         run.log_metrics(
             {f"best_{k}": v for k, v in summary.items()}
-            | {"trainable_parameters": trainable_parameters(model)}
+            | {"parameters": n_parameters, "trainable_parameters": result.trainable_parameters}
             | {"wall_time_s": time.perf_counter() - started}
         )
         run.log_artifacts(layout.TRAIN_PLOT)
         run.send(log_model, layout.BASE_MODEL, layout.split_path("base", "val"))
-    print(f"train: val accuracy {summary['val_accuracy']:.3f} at epoch {summary['best_epoch']}")
+        checkpoints.clear()
+    print(
+        f"train: {config.arch} of {n_parameters:,} parameters on {world.size} process(es), "
+        f"val accuracy {summary['val_accuracy']:.3f} at epoch {summary['best_epoch']}"
+    )
 
 
 if __name__ == "__main__":

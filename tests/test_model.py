@@ -13,7 +13,7 @@ import torch
 from conftest import make_blobs, make_config, make_model, state_copy, states_equal
 from safetensors.torch import load_file
 
-from stages.core.errors import DataError
+from stages.core.errors import DataError, ParamsError
 from stages.core.model import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -165,7 +165,25 @@ def test_resolve_device() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
-    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("requested", ["cuda", "cuda:1"])
+def test_cuda_without_cuda_is_one_line(requested: str) -> None:
+    with pytest.raises(ParamsError) as caught:
+        resolve_device(requested)
+    assert str(caught.value) == (
+        f"train.device: {requested!r}, but PyTorch sees no CUDA device "
+        f"(torch {torch.__version__}, a CPU-only build); use auto or cpu"
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_index_past_the_devices_is_one_line() -> None:
+    count = torch.cuda.device_count()
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ParamsError, match=rf"there are {count} CUDA device\(s\)$"):
+        resolve_device(f"cuda:{count}")
 
 
 @pytest.mark.parametrize(

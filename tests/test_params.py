@@ -12,7 +12,7 @@ from conftest import REPO_ROOT
 from stages.core.cli import run_stage
 from stages.core.errors import ParamsError
 from stages.core.params import Params, load_params, parse_params
-from stages.core.training import FitOptions
+from stages.core.training import fit_options
 
 
 def _error(raw: dict, path: str = "params.yaml") -> str:
@@ -51,10 +51,11 @@ def test_section_is_plain_data_keyed_as_in_params_yaml(params: Params) -> None:
 
 
 def test_train_section_builds_fit_options(params: Params) -> None:
-    """stages/train.py passes the train section straight to FitOptions."""
-    options = FitOptions(**params.section("train"))
+    """stages/train.py builds FitOptions from the train section; launch keys are not options."""
+    options = fit_options(params.section("train"))
     assert options.epochs == params.train.epochs
     assert options.patience == params.train.patience
+    assert not hasattr(options, "nproc") and not hasattr(options, "checkpoint_every")
 
 
 def test_params_are_frozen(params: Params) -> None:
@@ -84,7 +85,7 @@ def test_validate_section_reads_from_its_yaml_name() -> None:
         ({"train": {"patience": 0}}, "train.patience: "),
         ({"train": {"device": "gpu"}}, "train.device: "),
         ({"train": {"precision": "fp16"}}, "train.precision: "),
-        ({"finetune": {"strategy": "lora"}}, "finetune.strategy: "),
+        ({"finetune": {"strategy": "prompt"}}, "finetune.strategy: "),
         ({"finetune": {"shots_per_class": 0}}, "finetune.shots_per_class: "),
         ({"model": {"hidden": [64, 0]}}, "model.hidden: "),
         ({"model": {"hidden": []}}, "model.hidden: "),

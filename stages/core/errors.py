@@ -19,3 +19,11 @@ class GateError(PipelineError):
 
 class TrackingError(PipelineError):
     """The tracking store or server cannot record the run (down, unreachable, refused)."""
+
+
+class ModelError(PipelineError):
+    """A saved model is missing, unreadable or does not match its config."""
+
+
+class TrainingError(PipelineError):
+    """Training cannot give a usable model (for example, the loss is NaN from the start)."""

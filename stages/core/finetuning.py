@@ -7,11 +7,14 @@ from collections.abc import Callable
 
 import pandas as pd
 import torch
+from torch import nn
 
+from stages.core.checkpoints import Checkpoints
 from stages.core.data import LABEL, plain
 from stages.core.errors import DataError
+from stages.core.lora import add_lora, merge_lora, resolve_targets
 from stages.core.model import Classifier, ModelConfig, encode
-from stages.core.params import Params
+from stages.core.params import LoraParams, Params
 from stages.core.training import EpochStats, FitOptions, FitResult, fit
 
 
@@ -30,16 +33,43 @@ def sample_shots(frame: pd.DataFrame, shots_per_class: int, seed: int) -> pd.Dat
     return shots.reset_index(drop=True)
 
 
-def adapt(base: Classifier, n_classes: int, strategy: str, seed: int) -> Classifier:
-    """A copy of ``base`` with a fresh, seeded head over ``n_classes``.
+def adapt(
+    base: Classifier,
+    n_classes: int,
+    strategy: str,
+    seed: int,
+    lora: LoraParams | None = None,
+    arch: str = "mlp",
+) -> nn.Module:
+    """A copy of ``base`` with a fresh, seeded head over ``n_classes``, ready to train.
 
-    ``head`` freezes the body so that only the new head learns; ``full`` trains every layer.
+    ``head`` freezes the body so that only the new head learns; ``full`` trains every layer;
+    ``lora`` freezes the body's weights and adds peft LoRA adapters to its ``lora`` target
+    layers (the ``arch``'s default when none are named); the head trains fully. A LoRA model
+    is a peft model until ``merge_lora`` merges it.
     """
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
-    model.head = torch.nn.Linear(model.head.in_features, n_classes)
+    model.head = nn.Linear(model.head.in_features, n_classes)
     model.body.requires_grad_(strategy == "full")
-    return model
+    if strategy != "lora":
+        return model
+    lora = lora or LoraParams()
+    targets = resolve_targets(model.body, arch, lora.target_modules)
+    return add_lora(model, targets, lora.rank, lora.alpha, lora.dropout)
+
+
+def optimizer_groups(model: nn.Module, body_lr: float | None) -> list[dict] | None:
+    """Adam groups with ``body_lr`` for the pretrained body (strategy full); None = one group."""
+    if body_lr is None:
+        return None
+    body = [p for p in model.body.parameters() if p.requires_grad]
+    rest = [
+        p
+        for name, p in model.named_parameters()
+        if p.requires_grad and not name.startswith("body.")
+    ]
+    return [{"params": body, "lr": body_lr}, {"params": rest}]
 
 
 def few_shot_options(params: Params, seed: int | None = None) -> FitOptions:
@@ -56,6 +86,11 @@ def few_shot_options(params: Params, seed: int | None = None) -> FitOptions:
         device=params.train.device,
         precision=params.train.precision,
         cpu_threads=params.train.cpu_threads,
+        schedule=tune.schedule,
+        warmup_epochs=tune.warmup_epochs,
+        grad_clip=tune.grad_clip,
+        grad_accum=tune.grad_accum,
+        compile=params.train.compile,
     )
 
 
@@ -67,14 +102,29 @@ def fine_tune(
     params: Params,
     seed: int,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    *,
+    checkpoints: Checkpoints | None = None,
+    progress: str | None = None,
 ) -> tuple[Classifier, ModelConfig, FitResult]:
     """The fine-tune recipe: a new head over the shots' classes, ``finetune.strategy``,
-    trained on ``shots`` with the few-shot options and ``seed``."""
+    trained on ``shots`` with the few-shot options and ``seed``. The model comes back as a
+    plain Classifier (LoRA merged); ``result.trainable_parameters`` counts what trained."""
     classes = sorted(shots[LABEL].unique().tolist())
     config = base_config.replace(
         classes=classes, trained_on={"domain": params.data.target_domain, "rows": len(shots)}
     )
-    model = adapt(base, len(classes), params.finetune.strategy, seed)
+    tune = params.finetune
+    model = adapt(base, len(classes), tune.strategy, seed, tune.lora, base_config.arch)
     options = few_shot_options(params, seed)
-    result = fit(model, encode(shots, config), encode(val, config), options, on_epoch)
-    return model, config, result
+    groups = optimizer_groups(model, tune.body_lr)
+    result = fit(
+        model,
+        encode(shots, config),
+        encode(val, config),
+        options,
+        on_epoch,
+        param_groups=groups,
+        checkpoints=checkpoints,
+        progress=progress,
+    )
+    return merge_lora(model), config, result

@@ -27,8 +27,15 @@ FIGURES = Path("reports/figures")
 DRIFT_REPORT = Path("reports/drift.json")
 DRIFT_METRICS = Path("metrics/drift.json")
 DRIFT_PLOT = Path("plots/drift.csv")
+# Resume points of train and finetune: ignored by git and DVC, removed when a stage succeeds.
+CHECKPOINTS = Path(".checkpoints")
 
 
 def split_path(role: str, part: str) -> Path:
     """``data/splits/<role>_<part>.parquet``, e.g. ``base_train``."""
     return SPLITS / f"{role}_{part}.parquet"
+
+
+def checkpoint_dir(stage: str) -> Path:
+    """``.checkpoints/<stage>``: where a stage keeps the checkpoints it may resume from."""
+    return CHECKPOINTS / stage

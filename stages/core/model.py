@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from stages.core.data import LABEL
-from stages.core.errors import DataError
+from stages.core.architectures import build_body
+from stages.core.data import LABEL, RESERVED
+from stages.core.errors import DataError, ModelError, ParamsError
 from stages.core.io import read_json, write_atomic, write_json
+from stages.core.params import DataParams, ModelParams
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -32,35 +35,54 @@ class ModelConfig:
     std: list[float]
     image_shape: list[int] | None = None
     trained_on: dict = field(default_factory=dict)
+    # The arch's own hyperparameters (model.cnn or model.transformer); empty for the mlp, whose
+    # hidden widths and dropout are the fields above (older config.json files have no such key).
+    arch_options: dict = field(default_factory=dict)
 
     def replace(self, **changes) -> ModelConfig:
         return ModelConfig(**(asdict(self) | changes))
 
 
 class Classifier(nn.Module):
-    """Standardise raw features, a ReLU MLP ``body``, then a linear ``head`` over classes."""
+    """Standardise raw features, the arch's ``body`` (stages.core.architectures), then a linear
+    ``head`` over the classes."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.register_buffer("mean", torch.tensor(config.mean), persistent=False)
         self.register_buffer("std", torch.tensor(config.std), persistent=False)
-        layers: list[nn.Module] = []
-        width = config.n_features
-        for hidden in config.hidden:
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            if config.dropout:
-                layers.append(nn.Dropout(config.dropout))
-            width = hidden
-        self.body = nn.Sequential(*layers)
+        self.body, width = build_body(
+            config.arch,
+            config.n_features,
+            config.hidden,
+            config.dropout,
+            config.image_shape,
+            config.arch_options,
+        )
         self.head = nn.Linear(width, len(config.classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body((x - self.mean) / self.std))
 
 
-def trainable_parameters(model: nn.Module) -> int:
-    """How many parameters the optimizer updates."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def base_config(frame: pd.DataFrame, model: ModelParams, data: DataParams) -> ModelConfig:
+    """The config of a new model trained on ``frame`` (a split in the canonical schema): every
+    non-reserved column is a feature, scaled as ``model.scaling`` says from these rows only."""
+    features = [c for c in frame.columns if c not in RESERVED]
+    mean, std = fit_scaling(frame[features].to_numpy(), model.scaling)
+    return ModelConfig(
+        arch=model.arch,
+        n_features=len(features),
+        hidden=list(model.hidden),
+        dropout=model.dropout,
+        classes=sorted(frame[LABEL].unique().tolist()),
+        feature_names=features,
+        mean=mean,
+        std=std,
+        image_shape=data.image_shape,
+        trained_on={"domain": data.base_domain, "rows": len(frame)},
+        arch_options=model.arch_options(),
+    )
 
 
 def fit_scaling(x: np.ndarray, mode: str) -> tuple[list[float], list[float]]:
@@ -80,10 +102,28 @@ def fit_scaling(x: np.ndarray, mode: str) -> tuple[list[float], list[float]]:
 
 
 def resolve_device(requested: str) -> torch.device:
-    """``auto`` picks CUDA when it is available, else the CPU."""
+    """``auto`` picks CUDA when it is available, else the CPU. Under torchrun, ``cuda`` is the
+    GPU of the process's local rank. CUDA asked for but absent is a ParamsError naming
+    ``train.device``."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        requested = "cuda"
+    device = torch.device(requested)
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise ParamsError(
+            f"train.device: {requested!r}, but PyTorch sees no CUDA device "
+            f"(torch {torch.__version__}, {build}); use auto or cpu"
+        )
+    if device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.index is not None and device.index >= count:
+        raise ParamsError(f"train.device: {requested!r}, but there are {count} CUDA device(s)")
+    return device
 
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
@@ -104,14 +144,44 @@ def save_model(directory: Path | str, model: Classifier, config: ModelConfig) ->
 
 
 def load_model(directory: Path | str) -> tuple[Classifier, ModelConfig]:
-    """Rebuild a saved model (on the CPU) and its config."""
+    """Rebuild a saved model (on the CPU) and its config.
+
+    A missing, unreadable or mismatched file is a ModelError naming it. Config files written
+    before the arch registry (mlp only, no ``arch_options``) still load.
+    """
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config = ModelConfig(**read_json(directory / CONFIG_FILE))
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ModelError(f"{path}: not found; run the stage that writes {directory} first")
+    try:
+        config = ModelConfig(**read_json(config_path))
+    except (ValueError, TypeError) as exc:  # bad JSON is a ValueError; unknown keys a TypeError
+        raise ModelError(f"{config_path}: not a model config ({_one_line(exc)})") from None
     model = Classifier(config)
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    try:
+        state = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own error types, or OSError
+        raise ModelError(f"{weights_path}: cannot read the weights ({_one_line(exc)})") from None
+    try:
+        found = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise ModelError(
+            f"{weights_path}: does not match {CONFIG_FILE}: {_one_line(exc)}"
+        ) from None
+    if found.missing_keys or found.unexpected_keys:
+        raise ModelError(
+            f"{weights_path}: does not match {CONFIG_FILE}: missing {found.missing_keys[:3]}, "
+            f"unexpected {found.unexpected_keys[:3]}"
+        )
     return model, config
+
+
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def encode(frame: pd.DataFrame, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

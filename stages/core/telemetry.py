@@ -1,4 +1,5 @@
-"""No phoning home: the switches that turn off DVC's, MLflow's and GX's telemetry."""
+"""No phoning home: the switches that turn off DVC's, MLflow's, GX's and Hugging Face's
+telemetry (peft loads huggingface_hub)."""
 
 import os
 
@@ -6,6 +7,7 @@ QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "GX_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
 }
 
 

@@ -137,8 +137,19 @@ class Recorder:
         self._git: tuple[str | None, bool] | None = None
         self.registered: str | None = None  # the model version evaluate registered
 
-    def open(self, stage: str, experiment: str, params: dict[str, Any], run_id: str | None) -> None:
-        """Start the stage's run (or continue run ``run_id``) and log its params."""
+    def open(
+        self,
+        stage: str,
+        experiment: str,
+        params: dict[str, Any],
+        resume_key: str | None = None,
+        resuming: bool = False,
+    ) -> None:
+        """Start the stage's run and log its params; tagged ``resume.key`` with ``resume_key``.
+
+        ``resuming``: the stage resumes a checkpoint; the run it was logging to, the newest run
+        of this stage with the same key, continues (a new run when the store has none).
+        """
         from mlflow import MlflowClient
 
         from stages.core.lineage import execution_key
@@ -150,11 +161,14 @@ class Recorder:
         key = execution_key()
         if key is not None:
             self.parent_id = self._parent(key)
-        if run_id is not None:  # a resumed stage continues its run
-            self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
+        if resuming and resume_key:
+            self.run_id = self._resumable(resume_key)
+        if self.run_id is not None:
+            self.client.update_run(self.run_id, status="RUNNING")
         else:
             tags = {"stage": stage, **self.context_tags()}
+            if resume_key:
+                tags["resume.key"] = resume_key
             if self.parent_id:
                 tags["mlflow.parentRunId"] = self.parent_id
             run = self.client.create_run(self.experiment_id, run_name=stage, tags=tags)
@@ -162,6 +176,16 @@ class Recorder:
             self._log_params(self.run_id, params)
         if self.parent_id:
             self._tag_parent_at_open()
+
+    def _resumable(self, resume_key: str) -> str | None:
+        """The newest run of this stage tagged with ``resume_key``."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.stage = '{self.stage}' and tags.`resume.key` = '{resume_key}'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        return found[0].info.run_id if found else None
 
     def context_tags(self) -> dict[str, str]:
         """The commit (a DVC experiment's baseline), whether the code or params differ from it,
@@ -591,14 +615,16 @@ def stage_run(
     stage: str,
     experiment: str,
     params: Mapping[str, Any],
-    run_id: str | None = None,
+    resume_key: str | None = None,
+    resuming: bool = False,
     background: bool | None = None,
 ) -> Iterator[StageRun]:
     """An MLflow run for one stage, named after it, holding the params it read (flattened).
 
-    ``run_id`` continues an existing run instead (a resumed stage). ``background`` forces the
-    worker process (True) or inline logging (False); by default a process that has not imported
-    mlflow uses the worker.
+    A stage that checkpoints passes its checkpoint fingerprint as ``resume_key``; when it
+    resumes a checkpoint (``resuming``) it continues the run it was logging to before it was
+    killed. ``background`` forces the worker process (True) or inline logging (False); by
+    default a process that has not imported mlflow uses the worker.
     """
     if not tracking_enabled():
         tracker = _Off()
@@ -608,7 +634,7 @@ def stage_run(
         tracker = _Worker()
     run = StageRun(tracker)
     try:
-        tracker.send("open", stage, experiment, dict(params), run_id)
+        tracker.send("open", stage, experiment, dict(params), resume_key, resuming)
         yield run
         run._id = tracker.finish("FINISHED")
     except BaseException:
