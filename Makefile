@@ -45,6 +45,11 @@ lint-workflows: setup
 	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	$(BIN)/zizmor --offline --min-severity medium .github/workflows
 
+# docker-compose.yml against the Compose specification's JSON schema (vendored by
+# check-jsonschema as vendor.compose-spec): Docker cannot run here, so this is its check.
+lint-compose: setup
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+
 # Does the committed dvc.lock match the code and params? (no stage would run)
 stale: setup
 	.ci/stale-pipeline
