@@ -466,14 +466,20 @@ def up(stack: Stack) -> str:
         if db_started:
             db_port = pick_port(os.environ.get("TEAM_DB_PORT"), previous.get("TEAM_DB_PORT"))
             start_postgres(stack, folder, account, db_port)
-        ensure_database(stack, db_port, password)
-        pid, port = mlflow_pid(stack), _int(previous.get("TEAM_MLFLOW_PORT"))
-        # A server left from before PostgreSQL (re)started may hold its old port: restart it.
-        if pid is None or port is None or db_started or not health(port):
-            if pid is not None:
-                stop_process_group(pid)
-            port = pick_port(os.environ.get("TEAM_MLFLOW_PORT"), previous.get("TEAM_MLFLOW_PORT"))
-            start_mlflow(stack, db_port, port, password)
+        try:
+            ensure_database(stack, db_port, password)
+            pid, port = mlflow_pid(stack), _int(previous.get("TEAM_MLFLOW_PORT"))
+            # A server from before PostgreSQL (re)started may hold its old port: restart it.
+            if pid is None or port is None or db_started or not health(port):
+                if pid is not None:
+                    stop_process_group(pid)
+                wanted = os.environ.get("TEAM_MLFLOW_PORT")
+                port = pick_port(wanted, previous.get("TEAM_MLFLOW_PORT"))
+                start_mlflow(stack, db_port, port, password)
+        except TeamError:
+            if db_started:  # leave nothing half up
+                stop_postgres(stack, folder, account)
+            raise
         write_env(stack, db_port, port)
     return (
         f"team: up: MLflow at http://{HOST}:{port} (PostgreSQL on {HOST}:{db_port}, database "
