@@ -51,6 +51,7 @@ SERVER_ENV = {
 }
 START_TIMEOUT = 180  # seconds for the MLflow server's first start (it creates the schema)
 PG_USER = "postgres"  # the OS user PostgreSQL runs as when this script runs as root
+DEBIAN_BINARIES = Path("/usr/lib/postgresql")  # <version>/bin/ of Debian's postgresql packages
 
 
 class TeamError(Exception):
@@ -126,7 +127,7 @@ def postgres_bin() -> Path:
         candidates.append(Path(os.environ["TEAM_PG_BIN"]))
     if shutil.which("initdb"):
         candidates.append(Path(shutil.which("initdb")).resolve().parent)
-    versions = Path("/usr/lib/postgresql").glob("*/bin")
+    versions = DEBIAN_BINARIES.glob("*/bin")
     candidates += sorted(versions, key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))[::-1]
     for folder in candidates:
         if all((folder / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):

@@ -87,3 +87,21 @@ def test_the_env_file_round_trips_through_a_shell(tmp_path) -> None:
         check=True,
     )
     assert sourced.stdout.strip() == "http://127.0.0.1:5001"
+
+
+def test_without_postgresql_check_says_how_to_install_it(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setattr(team, "DEBIAN_BINARIES", tmp_path / "none")
+    monkeypatch.delenv("TEAM_PG_BIN", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert team.main(["check"]) == 1
+    assert team.main(["up", "--dir", str(tmp_path / "team")]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert (
+        lines
+        == [
+            "team: error: PostgreSQL not found (no initdb, pg_ctl and postgres); "
+            "apt-get install -y postgresql"
+        ]
+        * 2
+    )
+    assert not (tmp_path / "team").exists()

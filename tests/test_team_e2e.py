@@ -77,6 +77,11 @@ def team_stack(pipeline_env: dict):
         run_command([*TEAM_SCRIPT, "up"], REPO_ROOT, env, timeout=300)
         uri = team.read_env(team.stack_from_env(str(root)))["MLFLOW_TRACKING_URI"]
         yield TeamStack(root, uri, env | {"MLFLOW_TRACKING_URI": uri}, hidden)
+        server = int((root / "mlflow.pid").read_text())
+        run_command([*TEAM_SCRIPT, "down"], REPO_ROOT, env, timeout=120)
+        # A clean down: no process of the server's group, PostgreSQL stopped.
+        assert not team.group_alive(server)
+        assert not (root / "pgdata/postmaster.pid").exists()
     finally:
         subprocess.run([*TEAM_SCRIPT, "down"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
@@ -125,6 +130,16 @@ def database_rows(stack: TeamStack, query: str, *args) -> list[tuple]:
     ) as connection, connection.cursor() as cursor:  # fmt: skip
         cursor.execute(query, args)
         return cursor.fetchall()
+
+
+def test_up_again_keeps_the_running_stack(team_stack: TeamStack) -> None:
+    """`make team-up` twice: the second finds both servers and changes nothing."""
+    server = (team_stack.root / "mlflow.pid").read_text()
+    again = run_command([*TEAM_SCRIPT, "up"], REPO_ROOT, team_stack.env, timeout=300)
+    assert f"MLflow at {team_stack.uri} " in again.stdout
+    assert (team_stack.root / "mlflow.pid").read_text() == server
+    status = run_command([*TEAM_SCRIPT, "status"], REPO_ROOT, team_stack.env)
+    assert f"MLflow server: running at {team_stack.uri}" in status.stdout
 
 
 def test_the_pipeline_logs_to_the_shared_server(
@@ -304,6 +319,7 @@ def test_no_secret_leaks(team_stack: TeamStack, team_repo: Path, tmp_path: Path)
     # log, the stack's folder: its logs, its env file, every artifact it stores.
     searched = files_under(team_repo, team_stack.root / "logs", team_stack.root / "artifacts")
     searched += [team_repo.parent / "repro.log", team_stack.root / "env"]
+    assert not (team_stack.root / "secrets").exists()  # the password came from the environment
     assert team_repo / "dvc.lock" in searched and len(searched) > 100
     assert any("model.safetensors" in p.name for p in searched if "artifacts" in p.parts)
     assert holding(searched, needles) == []
@@ -390,7 +406,7 @@ def test_the_server_dies_while_a_stage_logs(
                 stage.kill()
         err.seek(0)
         stderr = err.read()
-    print(f"train failed {failed_after:.1f} s after the server was killed")
+    print(f"train failed {failed_after:.1f} s after the server was killed: {stderr.strip()}")
     assert returncode != 0
     errors = [line for line in stderr.splitlines() if line.startswith("train: error:")]
     assert len(errors) == 1 and "Traceback" not in stderr, stderr
