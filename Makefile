@@ -14,6 +14,7 @@ export DO_NOT_TRACK := 1
 TORCH_INDEX ?=
 
 .PHONY: setup pipeline test test-fast ui lint lint-workflows stale hooks format lock clean
+.PHONY: team-up team-down team-status test-team lint-compose
 
 setup: $(STAMP)
 
@@ -27,8 +28,9 @@ $(STAMP): requirements.lock pyproject.toml
 pipeline: setup
 	dvc repro
 
+# Everything but the team-stack tests (those need PostgreSQL: `make test-team`).
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not team"
 
 # The unit tests only (no real `dvc` runs): seconds, for the edit-test loop.
 test-fast: setup
@@ -38,7 +40,7 @@ test-fast: setup
 ui: setup
 	$(BIN)/python -m scripts.mlflow_ui
 
-lint: setup lint-workflows stale
+lint: setup lint-workflows lint-compose stale
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 # The GitHub workflows against their JSON schema, and zizmor's offline security audit: any
@@ -47,6 +49,11 @@ lint-workflows: setup
 	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	$(BIN)/zizmor --offline --min-severity medium .github/workflows
 
+# docker-compose.yml against the Compose specification's JSON schema (vendored by
+# check-jsonschema as vendor.compose-spec): Docker cannot run here, so this is its check.
+lint-compose: setup
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+
 # Does the committed dvc.lock match the code and params? (no stage would run)
 stale: setup
 	.ci/stale-pipeline
@@ -54,6 +61,22 @@ stale: setup
 # Every pre-commit hook on every file.
 hooks: setup
 	$(BIN)/pre-commit run --all-files
+
+# The local team stack (scripts/team.py): PostgreSQL + an MLflow server on 127.0.0.1, state in
+# .team/; `source .team/env` then points dvc at it. Credentials: TEAM_DB_USER, TEAM_DB_PASSWORD,
+# TEAM_DB_NAME from the environment.
+team-up: setup
+	$(BIN)/python scripts/team.py up
+
+team-down: setup
+	$(BIN)/python scripts/team.py down
+
+team-status: setup
+	$(BIN)/python scripts/team.py status
+
+# The tests that start a team stack of their own (skipped, with the reason, without PostgreSQL).
+test-team: setup
+	$(BIN)/python -m pytest -m team
 
 format: setup
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .

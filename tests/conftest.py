@@ -257,14 +257,21 @@ def copy_mlflow_store(source: Path, target: Path) -> None:
                     )
 
 
+def new_project_repo(target: Path, env: dict) -> Path:
+    """A new git repo at ``target`` holding the project's code, params and DVC config, committed
+    (nothing run yet)."""
+    repo = copy_project(REPO_ROOT, target, PROJECT_FILES)
+    run_command(["git", "init", "-q", "-b", "main"], repo, env)
+    commit_all(repo, env, "project")
+    return repo
+
+
 @pytest.fixture(scope="session")
 def pristine_repo(tmp_path_factory, pipeline_env: dict) -> Path:
     """A git repo with the project's code and default params after one cold `dvc repro`, its
     outputs committed. Shared by the session: tests read it; tests that change anything work on
     ``pipeline_repo``, a private copy."""
-    repo = copy_project(REPO_ROOT, tmp_path_factory.mktemp("pristine"), PROJECT_FILES)
-    run_command(["git", "init", "-q", "-b", "main"], repo, pipeline_env)
-    commit_all(repo, pipeline_env, "project")
+    repo = new_project_repo(tmp_path_factory.mktemp("pristine"), pipeline_env)
     cold = run_command(["dvc", "repro"], repo, pipeline_env)
     assert ran_stages(cold.stdout) == PIPELINE_STAGES, cold.stdout
     (repo / "cold_repro.log").write_text(cold.stdout)
