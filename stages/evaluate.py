@@ -2,12 +2,18 @@
 -> metrics/evaluate.json, plots/{confusion,roc,precision_recall}.csv, plots/per_class/,
 reports/evaluation.md, reports/figures/."""
 
-import sys
+from stages.core.tracking import start_worker
+
+# First, before the imports below: MLflow's worker process starts and imports mlflow
+# (and what logging the model needs) on another core meanwhile.
+if __name__ == "__main__":
+    start_worker("stages.core.evaluation", "stages.core.serving", "mlflow.pyfunc")
+
 
 import pandas as pd
 
 from stages.core import layout
-from stages.core.cli import run_stage
+from stages.core.cli import run_as_script
 from stages.core.data import LABEL
 from stages.core.errors import GateError
 from stages.core.evaluation import (
@@ -26,7 +32,7 @@ from stages.core.io import write_csv, write_json, write_text
 from stages.core.metrics import per_class_scores
 from stages.core.model import load_model
 from stages.core.params import load_params
-from stages.core.registry import register
+from stages.core.registry import promote, register
 from stages.core.report import render_report
 from stages.core.splitting import PARTS
 from stages.core.tracking import stage_run
@@ -36,15 +42,24 @@ def main() -> None:
     params = load_params()
     sections = {key: params.section(key) for key in ("evaluate", "finetune", "model")}
     with stage_run("evaluate", params.tracking.experiment, sections) as run:
+        test_path = layout.split_path("target", "test")
         base_test = pd.read_parquet(layout.split_path("base", "test"))
         for role in ("base", "target"):
             run.log_dataset(layout.split_path(role, "test"), "test")
         target = {part: pd.read_parquet(layout.split_path("target", part)) for part in PARTS}
         base, base_config = load_model(layout.BASE_MODEL)
         tuned, tuned_config = load_model(layout.FINETUNED_MODEL)
+        tuned_scored = score_model(tuned, tuned_config, target["test"])
+        classes = tuned_config.classes
+        # The fine-tuned model becomes a registry version now, and MLflow evaluates it while
+        # the comparison below runs; the gates decide its aliases at the end.
+        registered_model = params.tracking.registered_model
+        run.send(register, layout.FINETUNED_MODEL, test_path, registered_model)
+        run.send(
+            evaluate_registered, test_path, tuned_config.feature_names, tuned_scored.proba, classes
+        )
         draws = compare_on_draws(base, base_config, (tuned, tuned_config), target, params)
         shots = sample_shots(target["train"], params.finetune.shots_per_class, params.finetune.seed)
-        tuned_scored = score_model(tuned, tuned_config, target["test"])
         zero_shot = None
         if set(target["test"][LABEL]) <= set(base_config.classes):
             zero_shot = predictions(base, base_config, target["test"])
@@ -59,7 +74,6 @@ def main() -> None:
         checked = gates(metrics, params.evaluate)
         write_json(layout.EVALUATE_METRICS, metrics)
 
-        classes = tuned_config.classes
         per_class = {
             "base": metrics["base"]["per_class"],
             "finetuned": metrics["finetuned"]["per_class"],
@@ -92,27 +106,11 @@ def main() -> None:
         run.log_artifacts("dvc.lock", parent=True)  # as of this stage's start
         print(report)
         failures = [gate.failure() for gate in checked if not gate.passed]
-        registered = run.call(
-            register,
-            layout.FINETUNED_MODEL,
-            layout.split_path("target", "test"),
-            params.tracking.registered_model,
-            metrics["finetuned"]["accuracy"],
-            failures,
-        )
-        if registered:
-            print(f"evaluate: {registered}")
-        # MLflow's own classifier evaluation of the version just registered (the candidate).
-        run.send(
-            evaluate_registered,
-            layout.split_path("target", "test"),
-            tuned_config.feature_names,
-            tuned_scored.proba,
-            classes,
-        )
+        run.send(promote, metrics["finetuned"]["accuracy"], failures)
         if failures:
+            # Raised inside the run: it ends FAILED, after the registry has the gates' verdict.
             raise GateError("\n".join(failures))
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", main, sys.argv[1:])
+    run_as_script("evaluate", main)

@@ -3,7 +3,13 @@ per class (finetune.strategy: head, full or lora) -> models/finetuned/, metrics/
 plots/finetune.csv. A killed run resumes from its last checkpoint (``.checkpoints/finetune/``)
 and continues the same MLflow run."""
 
-import sys
+from stages.core.tracking import start_worker
+
+# First, before the imports below: MLflow's worker process starts and imports mlflow
+# (and what logging the model needs) on another core meanwhile.
+if __name__ == "__main__":
+    start_worker("stages.core.serving")
+
 import time
 
 import pandas as pd
@@ -11,7 +17,7 @@ import pandas as pd
 from stages.core import layout
 from stages.core.architectures import count_parameters
 from stages.core.checkpoints import Checkpoints, fingerprint
-from stages.core.cli import run_stage
+from stages.core.cli import run_as_script
 from stages.core.finetuning import fine_tune, sample_shots
 from stages.core.io import write_csv, write_json
 from stages.core.model import load_model, resolve_device, save_model
@@ -36,7 +42,8 @@ def main() -> None:
     )
     resumed = checkpoints.latest() is not None
     experiment = params.tracking.experiment
-    with stage_run("finetune", experiment, sections, checkpoints.fingerprint, resumed) as run:
+    key = checkpoints.fingerprint
+    with stage_run("finetune", experiment, sections, key, resumed) as run:
         started = time.perf_counter()
         base, base_config = load_model(layout.BASE_MODEL)
         run.log_dataset(layout.split_path("target", "train"), "training")
@@ -80,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("finetune", main, sys.argv[1:])
+    run_as_script("finetune", main)

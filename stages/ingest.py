@@ -1,9 +1,15 @@
 """Stage ingest: the source in params -> data/raw/dataset.parquet (features, label, domain)."""
 
-import sys
+from stages.core.tracking import start_worker
+
+# First, before the imports below: MLflow's worker process starts and imports mlflow
+# on another core meanwhile.
+if __name__ == "__main__":
+    start_worker()
+
 
 from stages.core import layout
-from stages.core.cli import run_stage
+from stages.core.cli import run_as_script
 from stages.core.data import DOMAIN, LABEL, build_raw_dataset, skipped_columns
 from stages.core.io import write_parquet
 from stages.core.params import load_params
@@ -38,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("ingest", main, sys.argv[1:])
+    run_as_script("ingest", main)

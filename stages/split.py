@@ -2,12 +2,18 @@
 the leakage check (no feature row in two parts of a domain) and the drift report
 -> reports/drift.json, metrics/drift.json, plots/drift.csv."""
 
-import sys
+from stages.core.tracking import start_worker
+
+# First, before the imports below: MLflow's worker process starts and imports mlflow
+# on another core meanwhile.
+if __name__ == "__main__":
+    start_worker()
+
 
 import pandas as pd
 
 from stages.core import layout
-from stages.core.cli import run_stage
+from stages.core.cli import run_as_script
 from stages.core.data import RESERVED
 from stages.core.drift import drift_report, most_shifted
 from stages.core.io import write_csv, write_json, write_parquet
@@ -42,4 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage("split", main, sys.argv[1:])
+    run_as_script("split", main)

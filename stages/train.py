@@ -3,7 +3,13 @@ plots/train.csv. Runs on CUDA (bf16) when present, else on the CPU; with ``train
 relaunches itself through torchrun and trains with DDP. A killed run resumes from its last
 checkpoint (``.checkpoints/train/``) and continues the same MLflow run."""
 
-import sys
+from stages.core.tracking import start_worker
+
+# First, before the imports below: MLflow's worker process starts and imports mlflow
+# (and what logging the model needs) on another core meanwhile.
+if __name__ == "__main__":
+    start_worker("stages.core.serving")
+
 import time
 from contextlib import nullcontext
 
@@ -13,7 +19,7 @@ import torch
 from stages.core import layout
 from stages.core.architectures import count_parameters
 from stages.core.checkpoints import Checkpoints, fingerprint
-from stages.core.cli import run_stage
+from stages.core.cli import run_as_script
 from stages.core.distributed import World, check_devices, needs_launch, process_group, relaunch
 from stages.core.io import write_csv, write_json
 from stages.core.model import Classifier, base_config, encode, save_model
@@ -46,9 +52,9 @@ def train(params: Params, world: World) -> None:
     )
     resumed = checkpoints.latest() is not None
     # Only rank 0 logs: the other workers train their shard and write nothing.
-    experiment = params.tracking.experiment
+    key = checkpoints.fingerprint
     tracking = (
-        stage_run("train", experiment, sections, checkpoints.fingerprint, resumed)
+        stage_run("train", params.tracking.experiment, sections, key, resumed)
         if world.is_main
         else nullcontext()
     )
@@ -92,4 +98,4 @@ def train(params: Params, world: World) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train", main, sys.argv[1:])
+    run_as_script("train", main)

@@ -6,13 +6,20 @@ with their reasons; the stage fails when too many rows are bad or a class is too
 inferred from the current raw table, to review, commit and name in ``validate.suite``.
 """
 
+from stages.core.tracking import start_worker
+
+# First, before the imports below: MLflow's worker process starts and imports mlflow
+# on another core meanwhile.
+if __name__ == "__main__":
+    start_worker()
+
 import argparse
 import sys
 
 import pandas as pd
 
 from stages.core import layout
-from stages.core.cli import run_stage
+from stages.core.cli import run_as_script
 from stages.core.data import RESERVED
 from stages.core.errors import DataError, GateError
 from stages.core.expectations import gate, infer_suite, load_suite, suite_json
@@ -78,4 +85,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("validate", lambda: main(sys.argv[1:]), sys.argv[1:])
+    run_as_script("validate", lambda: main(sys.argv[1:]))

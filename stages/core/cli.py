@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -23,3 +24,17 @@ def run_stage(name: str, main: Callable[[], None], argv: Sequence[str] = ()) -> 
         for line in str(exc).splitlines() or [""]:
             print(f"{name}: error: {line}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def run_as_script(name: str, main: Callable[[], None]) -> None:
+    """``python -m stages.<name>``: ``run_stage`` with the command line, then end the process at
+    once. Every output is written and closed by then; what is left, the interpreter's teardown
+    of torch, pandas and their threads, takes about a second that DVC would wait for."""
+    code = 0
+    try:
+        run_stage(name, main, sys.argv[1:])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -327,6 +327,8 @@ def evaluate_registered(recorder, test_path: str, features: list, proba, classes
     """``log_classifier_evaluation`` of the model version that stages.core.registry.register
     just made, run where MLflow runs (``run.send(evaluate_registered, ...)``)."""
     recorder.activate()
+    name, version = recorder.registered
+    test = pd.read_parquet(test_path)
     log_classifier_evaluation(
-        recorder.registered, pd.read_parquet(test_path), features, proba, classes, test_path
+        f"models:/{name}/{version}", test, features, proba, classes, test_path
     )

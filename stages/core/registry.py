@@ -3,8 +3,9 @@ registry, where each evaluated fine-tuned model becomes a new version with the a
 ``candidate``, and ``champion`` moves to it only when every gate passed and it beats the
 champion.
 
-``log_model`` and ``register`` run where MLflow runs (the tracking worker): a stage sends them
-with ``run.send(log_model, ...)`` / ``run.call(register, ...)``.
+``log_model``, ``register`` and ``promote`` run where MLflow runs (the tracking worker): a stage
+sends them with ``run.send(log_model, ...)``. evaluate registers the version first, so that
+MLflow's own evaluation of it runs while the stage computes its metrics, and promotes it last.
 """
 
 from __future__ import annotations
@@ -16,6 +17,50 @@ from typing import Any
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 ACCURACY_TAG = "finetuned.accuracy"
+GATES_TAG = "gates"
+
+
+def create_version(client, name: str, model_uri: str, tags: dict[str, Any]) -> int:
+    """A new version of registered model ``name`` (created if missing) from ``model_uri``."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    # Through this client (the stage's store), not mlflow.register_model, which writes to the
+    # process's default store and prints to stderr.
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:  # registered by an earlier (or a parallel) execution
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    created = client.create_model_version(name, model_uri, tags=tags, model_id=model_id)
+    return int(created.version)
+
+
+def move_aliases(client, name: str, version: int, accuracy: float, failures: list[str]) -> str:
+    """Record the gates on ``version``, make it the candidate, and the champion when every gate
+    passed and its accuracy beats the champion's (or there is none); one line says what
+    happened. ``failures`` are the failed gates (empty: all passed)."""
+    from mlflow.exceptions import MlflowException
+
+    client.set_model_version_tag(name, str(version), ACCURACY_TAG, f"{accuracy:.6f}")
+    gates = "passed" if not failures else "failed: " + "; ".join(failures)
+    client.set_model_version_tag(name, str(version), GATES_TAG, gates)
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no champion yet
+        champion = None
+    line = f"registered {name} version {version} as {CANDIDATE}"
+    if failures:
+        return f"{line}; gates failed, {CHAMPION} stays"
+    if champion is not None:
+        best = float(champion.tags.get(ACCURACY_TAG, "-inf"))
+        if accuracy <= best:
+            stays = f"{CHAMPION} stays at version {champion.version}"
+            return f"{line}; {stays} ({ACCURACY_TAG} {best:.4f} >= {accuracy:.4f})"
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return f"{line} and {CHAMPION} ({ACCURACY_TAG} {accuracy:.4f})"
 
 
 def register_candidate(
@@ -26,40 +71,9 @@ def register_candidate(
     failures: list[str],
     tags: dict[str, Any],
 ) -> tuple[str, int]:
-    """Register ``model_uri`` under ``name`` and move the aliases; returns one line saying what
-    happened, and the new version. ``failures`` are the failed gates (empty: all passed)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-
-    version_tags = tags | {
-        ACCURACY_TAG: f"{accuracy:.6f}",
-        "gates": "passed" if not failures else "failed: " + "; ".join(failures),
-    }
-    # Through this client (the stage's store), not mlflow.register_model, which writes to the
-    # process's default store and prints to stderr.
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:  # registered by an earlier (or a parallel) execution
-        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    created = client.create_model_version(name, model_uri, tags=version_tags, model_id=model_id)
-    version = int(created.version)
-    client.set_registered_model_alias(name, CANDIDATE, version)
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:  # no champion yet
-        champion = None
-    line = f"registered {name} version {version} as {CANDIDATE}"
-    if failures:
-        return f"{line}; gates failed, {CHAMPION} stays", version
-    if champion is not None:
-        best = float(champion.tags.get(ACCURACY_TAG, "-inf"))
-        if accuracy <= best:
-            stays = f"{CHAMPION} stays at version {champion.version}"
-            return f"{line}; {stays} ({ACCURACY_TAG} {best:.4f} >= {accuracy:.4f})", version
-    client.set_registered_model_alias(name, CHAMPION, version)
-    return f"{line} and {CHAMPION} ({ACCURACY_TAG} {accuracy:.4f})", version
+    """``create_version`` then ``move_aliases``: the line, and the new version."""
+    version = create_version(client, name, model_uri, tags)
+    return move_aliases(client, name, version, accuracy, failures), version
 
 
 def log_model(recorder, model_dir: str, example_path: str) -> str:
@@ -77,12 +91,10 @@ def log_model(recorder, model_dir: str, example_path: str) -> str:
     return info.model_uri
 
 
-def register(
-    recorder, model_dir: str, example_path: str, name: str, accuracy: float, failures: list
-) -> str:
-    """Register the fine-tuned model of this execution (the one logged by the run that
-    produced ``model_dir``; logged here if that run is unknown to the store) and move the
-    aliases. Returns one line saying what happened."""
+def register(recorder, model_dir: str, example_path: str, name: str) -> None:
+    """Register the fine-tuned model of this execution as a new version of ``name`` (gates
+    pending): the model logged by the run that produced ``model_dir``, or logged here if that
+    run is unknown to the store. ``promote`` finishes it."""
     tags = recorder.parent_tags()
     producer = tags.get("run.finetune") or tags.get("cached.finetune")
     model_uri = None
@@ -92,8 +104,13 @@ def register(
         model_uri = log_model(recorder, model_dir, example_path)
     context = {k: v for k, v in recorder.context_tags().items() if not k.startswith("mlflow.")}
     version_tags = {"parent_run_id": recorder.parent_id or "", "evaluate_run_id": recorder.run_id}
-    line, version = register_candidate(
-        recorder.client, name, model_uri, accuracy, failures, version_tags | context
-    )
-    recorder.registered = f"models:/{name}/{version}"
-    return line
+    version_tags |= context | {GATES_TAG: "pending"}
+    version = create_version(recorder.client, name, model_uri, version_tags)
+    recorder.registered = (name, version)
+
+
+def promote(recorder, accuracy: float, failures: list[str]) -> None:
+    """Gates, candidate and champion for the version ``register`` made; the line that says
+    what happened becomes one of the stage's notes."""
+    name, version = recorder.registered
+    recorder.notes.append(move_aliases(recorder.client, name, version, accuracy, failures))

@@ -145,7 +145,8 @@ class Recorder:
         self.parent_id: str | None = None
         self.fluent = False  # whether the run is also mlflow's active run (for log_model)
         self._git: tuple[str | None, bool] | None = None
-        self.registered: str | None = None  # the model version evaluate registered
+        self.registered: tuple[str, int] | None = None  # the model version evaluate registered
+        self.notes: list[str] = []  # lines for the stage to print when it ends
 
     def open(
         self,
@@ -202,6 +203,11 @@ class Recorder:
         and the DVC experiment's name."""
         from stages.core.lineage import experiment_baseline, git_state, stage_outputs
 
+        if self._git is None and self.parent_id:
+            # One execution, one checkout: the parent recorded it when the first stage ran.
+            parent = self.client.get_run(self.parent_id).data.tags
+            if "git.dirty" in parent:
+                self._git = (parent.get("git.commit"), parent["git.dirty"] == "true")
         if self._git is None:
             outputs = [p for s in _pipeline_stages() for p in stage_outputs(s)]
             self._git = git_state(outputs)
@@ -323,11 +329,11 @@ class Recorder:
         """The parent run's tags (empty outside a DVC execution)."""
         return self.client.get_run(self.parent_id).data.tags if self.parent_id else {}
 
-    def close(self, status: str) -> str | None:
+    def close(self, status: str) -> tuple[str | None, list[str]]:
         """End the run with ``status``; record its outputs' md5s and, on the parent, which
-        run produced each stage's outputs. Returns the run id."""
+        run produced each stage's outputs. Returns the run id and the notes for the stage."""
         if self.run_id is None:
-            return None
+            return None, self.notes
         if status == "FINISHED":
             self._tag_outputs()
         if self.parent_id:
@@ -339,7 +345,7 @@ class Recorder:
             mlflow.end_run(status)
         else:
             self.client.set_terminated(self.run_id, status)
-        return self.run_id
+        return self.run_id, self.notes
 
     def _tag_outputs(self) -> None:
         from stages.core.lineage import dvc_md5, stage_outputs
@@ -420,8 +426,8 @@ class _Inline:
 
     call = send
 
-    def finish(self, status: str) -> str | None:
-        """Close the run; returns its id."""
+    def finish(self, status: str) -> tuple[str | None, list[str]]:
+        """Close the run; returns its id and the notes of its operations."""
         self.closed = True
         return self.send("close", status)
 
@@ -429,7 +435,7 @@ class _Inline:
 class _Worker:
     """Operations sent to a worker process through a pipe; ``send`` does not wait."""
 
-    def __init__(self) -> None:
+    def __init__(self, preload: tuple[str, ...] = ()) -> None:
         from multiprocessing.connection import Connection
 
         to_worker_r, to_worker_w = os.pipe()
@@ -437,7 +443,14 @@ class _Worker:
         package_root = str(Path(__file__).resolve().parents[2])
         python_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stages.core.tracking", str(to_worker_r), str(from_worker_w)],
+            [
+                sys.executable,
+                "-m",
+                "stages.core.tracking",
+                str(to_worker_r),
+                str(from_worker_w),
+                *preload,
+            ],  # fmt: skip
             pass_fds=(to_worker_r, from_worker_w),
             env=os.environ | {"PYTHONPATH": python_path},
             stdout=subprocess.DEVNULL,  # the stage's stdout is for the stage
@@ -472,8 +485,9 @@ class _Worker:
         self.requests.send((operation, args, True))
         return self._receive()
 
-    def finish(self, status: str) -> str | None:
-        """Close the run and wait for the worker to finish logging; returns the run id."""
+    def finish(self, status: str) -> tuple[str | None, list[str]]:
+        """Close the run and wait for the worker to finish logging; returns the run id and
+        the notes of its operations."""
         self.closed = True
         try:
             self.requests.send(("close", (status,), True))
@@ -490,15 +504,26 @@ class _Worker:
                 self.process.kill()
 
 
+def _import_quietly(module: str) -> None:
+    import importlib
+
+    with suppress(Exception):  # an import that fails here fails again where it is needed
+        importlib.import_module(module)
+
+
 def _is_own_metrics(message) -> bool:
     return bool(message) and message[0] == "log_metrics" and not message[1][3]
 
 
-def _serve(requests_fd: int, replies_fd: int) -> None:
+def _serve(requests_fd: int, replies_fd: int, preload: list[str]) -> None:
     """The worker: run the operations a stage sends, in order, until it closes the run.
 
-    Metrics sent one epoch at a time are merged into as few MLflow calls as possible. After a
-    failure the worker reports it once and skips everything but the final close.
+    It starts while the stage is still importing its own libraries: it imports mlflow and the
+    ``preload`` modules (what later operations need: torch and MLflow's pyfunc for a model) at
+    once. Metrics sent one epoch at a time are merged into as few MLflow calls as possible.
+    After a failure the worker reports it once and skips everything but the final close. A
+    stage that ends without opening a run (it failed first, or it only relaunched itself)
+    leaves nothing behind.
     """
     import queue
     import threading
@@ -519,11 +544,16 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
                 return
 
     threading.Thread(target=read, daemon=True).start()
+    for module in preload:
+        threading.Thread(target=_import_quietly, args=(module,), daemon=True).start()
+    _import_quietly("mlflow")
     recorder = Recorder()
     failure: str | None = None
     while True:
         message = inbox.get()
         if message is None:
+            if recorder.run_id is None:
+                os._exit(0)  # no run to end
             message = ("close", ("KILLED",), False)
         operation, args, wants_reply = message
         if operation == "log_metrics" and not args[3]:  # the stage's own metrics
@@ -542,7 +572,9 @@ def _serve(requests_fd: int, replies_fd: int) -> None:
         if wants_reply:
             replies.send(("error", failure) if failure else ("ok", result))
         if operation == "close":
-            return
+            # Everything is recorded: skip the interpreter's teardown of mlflow, SQLAlchemy and
+            # torch (about a second), which the stage would otherwise wait for.
+            os._exit(0)
 
 
 class StageRun:
@@ -553,6 +585,7 @@ class StageRun:
     def __init__(self, tracker: _Inline | _Worker | _Off) -> None:
         self._tracker = tracker
         self._id: str | None = None
+        self.notes: list[str] = []  # what the operations had to say, once the run has ended
 
     @property
     def id(self) -> str | None:
@@ -606,13 +639,27 @@ class _Off:
 
     call = send
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: str) -> tuple[None, list[str]]:
         self.closed = True
+        return None, []
 
 
 def tracking_enabled() -> bool:
     """False when ``PIPELINE_TRACKING=off``: stages then run without any tracking store."""
     return os.environ.get("PIPELINE_TRACKING", "on").lower() not in ("off", "0", "false")
+
+
+_started: _Worker | None = None  # started by start_worker() before the stage's imports
+
+
+def start_worker(*preload: str) -> None:
+    """Start the tracking worker now, before the stage imports its libraries (call it at the
+    top of a stage's ``__main__``): it imports mlflow, and the ``preload`` modules that the
+    stage's later operations need, on another core meanwhile. The stage's ``stage_run`` then
+    uses it. Only on rank 0 of a distributed run, and only with tracking on."""
+    global _started
+    if _started is None and tracking_enabled() and os.environ.get("RANK", "0") == "0":
+        _started = _Worker(tuple(preload))
 
 
 def _inline_mode(background: bool | None) -> bool:
@@ -627,6 +674,7 @@ def stage_run(
     params: Mapping[str, Any],
     resume_key: str | None = None,
     resuming: bool = False,
+    *,
     background: bool | None = None,
 ) -> Iterator[StageRun]:
     """An MLflow run for one stage, named after it, holding the params it read (flattened).
@@ -634,25 +682,30 @@ def stage_run(
     A stage that checkpoints passes its checkpoint fingerprint as ``resume_key``; when it
     resumes a checkpoint (``resuming``) it continues the run it was logging to before it was
     killed. ``background`` forces the worker process (True) or inline logging (False); by
-    default a process that has not imported mlflow uses the worker.
+    default a process that has not imported mlflow uses the worker (the one start_worker
+    started, if any).
     """
     if not tracking_enabled():
         tracker = _Off()
     elif _inline_mode(background):
         tracker = _Inline()
     else:
-        tracker = _Worker()
+        global _started
+        tracker, _started = (_started or _Worker()), None
     run = StageRun(tracker)
     try:
         tracker.send("open", stage, experiment, dict(params), resume_key, resuming)
         yield run
-        run._id = tracker.finish("FINISHED")
+        run._id, run.notes = tracker.finish("FINISHED")
     except BaseException:
         if not tracker.closed:
             with suppress(TrackingError):  # the stage's own error is the one to report
-                tracker.finish("FAILED")
+                run._id, run.notes = tracker.finish("FAILED")
         raise
+    finally:
+        for note in run.notes:  # what the operations had to say (the registry's decision)
+            print(f"{stage}: {note}", flush=True)
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
+    _serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])
