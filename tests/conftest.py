@@ -8,6 +8,7 @@ so that no test writes into the repository or makes a network call.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -284,3 +285,18 @@ def pipeline_repo(pristine_repo: Path, tmp_path: Path) -> Path:
     """A private copy of ``pristine_repo`` (git history, DVC cache and outputs, the MLflow
     store) that the test may change at will."""
     return copy_project(pristine_repo, tmp_path / "repo")
+
+
+@pytest.fixture(scope="session")
+def finetune_experiment(pristine_repo: Path, pipeline_env: dict, tmp_path_factory):
+    """``dvc exp run -S finetune.lr=0.005`` on a copy of ``pristine_repo``, shared by the tests
+    that read what it did (the repo, the output, the metrics before): they must not change it."""
+    from types import SimpleNamespace
+
+    repo = copy_project(pristine_repo, tmp_path_factory.mktemp("finetune_exp"))
+    before = {
+        name: json.loads((repo / f"metrics/{name}.json").read_text())
+        for name in ("finetune", "evaluate")
+    }
+    done = run_command(["dvc", "exp", "run", "-S", "finetune.lr=0.005"], repo, pipeline_env)
+    return SimpleNamespace(repo=repo, output=done.stdout, before=before)

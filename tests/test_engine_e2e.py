@@ -5,18 +5,14 @@ run; `dvc exp run -S train.nproc=2` trains with two gloo processes through torch
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import commit_all, run_command, set_params
 
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "data/source", ".dvcignore", ".dvc/config"]
 # A small transformer with every state a resume must restore: dropout, a cosine schedule with
 # warmup, early stopping; a checkpoint every 2 epochs.
 ENGINE_PARAMS = {
@@ -32,49 +28,24 @@ ENGINE_PARAMS = {
 }
 TIMEOUT = 300
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
+    return run_command(cmd, cwd, env, timeout=TIMEOUT)
 
 
-@pytest.fixture(scope="module")
-def env() -> dict:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
-    environment |= {"MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false"}
-    return environment
+@pytest.fixture
+def env(pipeline_env: dict) -> dict:
+    return pipeline_env
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory, env) -> Path:
-    """A git repo with the project, the engine params and the data splits (`dvc repro split`)."""
-    repo = tmp_path_factory.mktemp("engine")
-    for name in PROJECT_FILES:
-        source, target = ROOT / name, repo / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in ENGINE_PARAMS.items():
-        params[section] |= values
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text("mlflow.db\nmlartifacts/\n__pycache__/\n.checkpoints/\n")
-    run(["git", "init", "-q"], repo, env)
-    run(["dvc", "repro", "split"], repo, env)
-    commit(repo, env, "project and splits")
-    return repo
-
-
-def commit(repo: Path, env: dict, message: str) -> None:
-    run(["git", "add", "-A"], repo, env)
-    git_id = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    run(["git", *git_id, "commit", "-qm", message], repo, env)
+@pytest.fixture
+def repo(pipeline_repo: Path, pipeline_env: dict) -> Path:
+    """A private copy of the default pipeline's repo (splits and all), with the engine params."""
+    set_params(pipeline_repo, **ENGINE_PARAMS)
+    commit_all(pipeline_repo, pipeline_env, "engine params")
+    return pipeline_repo
 
 
 def weights(repo: Path) -> bytes:
@@ -82,11 +53,13 @@ def weights(repo: Path) -> bytes:
 
 
 def train_runs(repo: Path) -> list:
+    """The train runs of the engine params (the copied store also holds the default run's)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("finetune-pipeline")
-    return client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
+    return [r for r in runs if r.data.params.get("model.arch") == "transformer"]
 
 
 def kill_when_checkpointed(repo: Path, env: dict) -> str:
@@ -138,7 +111,6 @@ def test_killed_train_resumes_to_the_same_bytes_and_mlflow_run(repo: Path, env: 
     assert "resuming" not in fresh and "train: epoch 1/30 " in fresh
     assert weights(repo) == resumed_weights
     assert len(train_runs(repo)) == 2
-    run(["git", "checkout", "--", "."], repo, env)
 
 
 def test_exp_run_with_two_processes(repo: Path, env: dict) -> None:

@@ -147,18 +147,16 @@ def test_dvc_views_work(pipeline_repo: Path, pipeline_env: dict) -> None:
 
 
 def test_exp_run_of_a_finetune_param_reruns_finetune_and_evaluate_only(
-    pipeline_repo: Path, pipeline_env: dict
+    finetune_experiment, pipeline_env: dict
 ) -> None:
-    before = read_json(pipeline_repo, "metrics/finetune.json")
-    tuned = run_command(
-        ["dvc", "exp", "run", "-S", "finetune.lr=0.005"], pipeline_repo, pipeline_env
-    )
-    assert ran_stages(tuned.stdout) == ["finetune", "evaluate"]
-    after = read_json(pipeline_repo, "metrics/finetune.json")
-    assert after["train_loss"] != before["train_loss"]  # a different lr trained differently
-    shown = run_command(["dvc", "exp", "show", "--csv"], pipeline_repo, pipeline_env).stdout
+    repo = finetune_experiment.repo
+    assert ran_stages(finetune_experiment.output) == ["finetune", "evaluate"]
+    after = read_json(repo, "metrics/finetune.json")
+    # A different lr trained differently.
+    assert after["train_loss"] != finetune_experiment.before["finetune"]["train_loss"]
+    shown = run_command(["dvc", "exp", "show", "--csv"], repo, pipeline_env).stdout
     assert "finetune.lr" in shown and "0.005" in shown
-    diff = run_command(["dvc", "metrics", "diff", "main", "--json"], pipeline_repo, pipeline_env)
+    diff = run_command(["dvc", "metrics", "diff", "main", "--json"], repo, pipeline_env)
     assert "metrics/finetune.json" in json.loads(diff.stdout)
 
 
