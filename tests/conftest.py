@@ -200,6 +200,25 @@ def commit_all(repo: Path, env: dict, message: str) -> None:
     run_command(["git", *GIT_ID, "commit", "-qm", message, "--allow-empty"], repo, env)
 
 
+def run_queued_experiments(
+    repo: Path, env: dict, settings: list[str], jobs: int = 2, timeout: float = 900
+) -> str:
+    """Queue one experiment per ``-S`` setting, run them with ``dvc queue start -j jobs`` and
+    wait until none is queued or running; returns ``dvc queue status``."""
+    import time
+
+    for setting in settings:
+        run_command(["dvc", "exp", "run", "--queue", "-S", setting], repo, env)
+    run_command(["dvc", "queue", "start", "-j", str(jobs)], repo, env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = run_command(["dvc", "queue", "status"], repo, env).stdout
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(2)
+    raise AssertionError(f"queued experiments still running after {timeout} s:\n{status}")
+
+
 def set_params(repo: Path, **sections: dict) -> None:
     """Update sections of the repo's params.yaml (``set_params(repo, train={"epochs": 3})``)."""
     path = repo / "params.yaml"

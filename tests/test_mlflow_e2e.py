@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import PIPELINE_STAGES, run_command
+from conftest import PIPELINE_STAGES, run_command, run_queued_experiments
 
 from stages.core.tracking import flatten
 
@@ -186,16 +186,8 @@ def test_an_experiment_names_the_runs_behind_its_cached_stages(
 def test_queued_experiments_each_get_a_parent(pipeline_repo: Path, pipeline_env: dict) -> None:
     """Three experiments through `dvc queue start -j 2`: three parents with their own params in
     the repo's own store, no locking errors, no stray store in DVC's temporary copies."""
-    for draws in (1, 2, 3):
-        queue = ["dvc", "exp", "run", "--queue", "-S", f"evaluate.draws={draws}"]
-        run_command(queue, pipeline_repo, pipeline_env)
-    run_command(["dvc", "queue", "start", "-j", "2"], pipeline_repo, pipeline_env)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        status = run_command(["dvc", "queue", "status"], pipeline_repo, pipeline_env).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
+    settings = [f"evaluate.draws={draws}" for draws in (1, 2, 3)]
+    status = run_queued_experiments(pipeline_repo, pipeline_env, settings)
     assert status.count("Success") == 3, status
     logs = "".join(
         run_command(["dvc", "queue", "logs", line.split()[1]], pipeline_repo, pipeline_env).stdout

@@ -31,6 +31,7 @@ from conftest import (
     new_project_repo,
     ran_stages,
     run_command,
+    run_queued_experiments,
     set_params,
 )
 
@@ -200,16 +201,8 @@ def test_parallel_queued_experiments_lose_no_run(
     env = team_stack.env
     client = team_stack.client()
     before = client.search_runs([experiment_id(client)], max_results=1000)
-    for seed in (1, 2):
-        queue = ["dvc", "exp", "run", "--queue", "-S", f"evaluate.bootstrap_seed={seed}"]
-        run_command(queue, repo, env)
-    run_command(["dvc", "queue", "start", "-j", "2"], repo, env)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = run_command(["dvc", "queue", "status"], repo, env).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(2)
+    settings = [f"evaluate.bootstrap_seed={seed}" for seed in (1, 2)]
+    status = run_queued_experiments(repo, env, settings, timeout=600)
     names = [line.split()[1] for line in status.splitlines() if "Success" in line]
     assert len(names) == 2, status
     logs = "".join(run_command(["dvc", "queue", "logs", n], repo, env).stdout for n in names)
