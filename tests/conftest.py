@@ -209,14 +209,26 @@ def run_queued_experiments(
 
     for setting in settings:
         run_command(["dvc", "exp", "run", "--queue", "-S", setting], repo, env)
-    run_command(["dvc", "queue", "start", "-j", str(jobs)], repo, env)
+    # The queue's workers are daemons: they would hold captured pipes open, and the test with them.
+    started = subprocess.run(
+        ["dvc", "queue", "start", "-j", str(jobs)],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=COMMAND_TIMEOUT,
+    )
+    assert started.returncode == 0, "dvc queue start failed"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = run_command(["dvc", "queue", "status"], repo, env).stdout
-        if "Queued" not in status and "Running" not in status:
-            return status
-        time.sleep(2)
-    raise AssertionError(f"queued experiments still running after {timeout} s:\n{status}")
+    try:
+        while time.monotonic() < deadline:
+            status = run_command(["dvc", "queue", "status"], repo, env).stdout
+            if "Queued" not in status and "Running" not in status:
+                return status
+            time.sleep(2)
+        raise AssertionError(f"queued experiments still running after {timeout} s:\n{status}")
+    finally:
+        run_command(["dvc", "queue", "stop"], repo, env, check=False)  # no idle workers left
 
 
 def set_params(repo: Path, **sections: dict) -> None:

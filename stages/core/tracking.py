@@ -395,6 +395,9 @@ NETWORK_FAILURES = {
     "Name or service not known": "unknown host",
     "Temporary failure in name resolution": "unknown host",
     "No route to host": "no route to host",
+    "Connection aborted": "the server closed the connection (did it stop?)",
+    "Connection reset": "the server closed the connection (did it stop?)",
+    "Max retries exceeded": "no connection (is the server running?)",
 }
 
 
