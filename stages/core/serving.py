@@ -109,4 +109,13 @@ def _save_pyfunc(validate_serving_input: bool = True, **kwargs):
     return mlflow.pyfunc.save_model(**kwargs)
 
 
+def prepare() -> None:
+    """What logging a model would compute first, done ahead (the tracking worker calls it while
+    the stage trains): MLflow's map of installed packages, which it reads to check the pip
+    requirements against the environment (about 0.7 s)."""
+    from mlflow.utils import requirements_utils
+
+    requirements_utils._init_modules_to_packages_map()
+
+
 set_model(PipelineModel())

@@ -507,11 +507,15 @@ class _Worker:
                 self.process.kill()
 
 
-def _import_quietly(module: str) -> None:
+def _import_quietly(target: str) -> None:
+    """Import ``module``, or for ``module:function`` also call it (a warm-up of its own)."""
     import importlib
 
-    with suppress(Exception):  # an import that fails here fails again where it is needed
-        importlib.import_module(module)
+    module, _, function = target.partition(":")
+    with suppress(Exception):  # a step that fails here fails again where it is needed
+        imported = importlib.import_module(module)
+        if function:
+            getattr(imported, function)()
 
 
 def _is_own_metrics(message) -> bool:
@@ -658,7 +662,8 @@ _started: _Worker | None = None  # started by start_worker() before the stage's 
 def start_worker(*preload: str) -> None:
     """Start the tracking worker now, before the stage imports its libraries (call it at the
     top of a stage's ``__main__``): it imports mlflow, and the ``preload`` modules that the
-    stage's later operations need, on another core meanwhile. The stage's ``stage_run`` then
+    stage's later operations need (``module:function`` also calls a warm-up function), on
+    another core meanwhile. The stage's ``stage_run`` then
     uses it. Only on rank 0 of a distributed run, and only with tracking on."""
     global _started
     if _started is None and tracking_enabled() and os.environ.get("RANK", "0") == "0":
