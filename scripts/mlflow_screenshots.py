@@ -1,16 +1,15 @@
 """Screenshots of the project's MLflow UI in headless Chromium: the runs table (parents with
-their stage runs) and a comparison chart of the three newest pipeline executions.
+their stage runs) and the chart view comparing the pipeline executions (parent runs only).
 
     .venv/bin/python -m scripts.mlflow_screenshots [--out docs/images]
 
 Needs Debian's chromium (`apt-get install chromium`) and a local store with a few executions
-(`dvc repro`, then e.g. `dvc exp run -S finetune.lr=0.005` twice). Not run in CI.
+(`dvc repro`, then e.g. `dvc exp run -S train.epochs=5` and `-S train.epochs=10`). Not run in CI.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import socket
 import subprocess
@@ -34,8 +33,12 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--hide-scrollbars",
-    "--virtual-time-budget=25000",
 ]
+# Virtual time the page gets to load before the shot: the chart view draws its charts lazily.
+TIME_BUDGET_MS = {"table": 25_000, "charts": 90_000}
+
+
+PARENTS_FILTER = "tags.`pipeline.role` = 'parent'"
 
 
 def free_port() -> int:
@@ -44,13 +47,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def screenshot(url: str, path: Path, size: str) -> None:
+def screenshot(url: str, path: Path, size: str, budget_ms: int) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         sys.exit("chromium not found: apt-get install chromium")
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run(
             [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}",
+             f"--virtual-time-budget={budget_ms}",
              f"--screenshot={path}", url],
             check=True, capture_output=True, timeout=180,
         )  # fmt: skip
@@ -63,14 +67,6 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     experiment_id = ensure_experiment(load_params().tracking.experiment)
-    from mlflow import MlflowClient
-
-    newest = MlflowClient(local_store_uri()).search_runs(
-        [experiment_id],
-        "tags.`pipeline.role` = 'parent'",
-        order_by=["attributes.start_time DESC"],
-        max_results=3,
-    )
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     mlflow = Path(sys.executable).with_name("mlflow")
@@ -87,12 +83,16 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.5)
-        screenshot(runs_table_url(base, experiment_id), args.out / "mlflow-runs.png", "1600,900")
-        if len(newest) >= 2:
-            runs = urllib.parse.quote(json.dumps([run.info.run_id for run in newest]))
-            experiments = urllib.parse.quote(json.dumps([experiment_id]))
-            compare = f"{base}/#/compare-runs?runs={runs}&experiments={experiments}"
-            screenshot(compare, args.out / "mlflow-compare.png", "1600,1100")
+        table = runs_table_url(base, experiment_id)
+        screenshot(table, args.out / "mlflow-runs.png", "1600,900", TIME_BUDGET_MS["table"])
+        # The experiment's own tab route: the bare experiment route redirects there and drops
+        # every query parameter but workflowType.
+        charts = f"{base}/#/experiments/{experiment_id}/runs?" + urllib.parse.urlencode(
+            {"workflowType": "machine_learning", "compareRunsMode": "CHART",
+             "searchFilter": PARENTS_FILTER},
+            quote_via=urllib.parse.quote,
+        )  # fmt: skip
+        screenshot(charts, args.out / "mlflow-compare.png", "1600,1100", TIME_BUDGET_MS["charts"])
     finally:
         server.terminate()
         server.wait(timeout=30)
