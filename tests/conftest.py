@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from hypothesis import settings
 
 from stages.core.model import Classifier, ModelConfig, fit_scaling
 from stages.core.params import Params, parse_params
@@ -31,6 +32,11 @@ os.environ.update(QUIET_ENV)
 # The models under test are tiny: extra intra-op threads only add contention (on a busy 2-core
 # machine a 4-16-3 MLP trains ~20x slower with two threads than with one).
 torch.set_num_threads(1)
+
+# Property tests explore new examples on every local run; in CI (GitHub sets CI, so does .ci/run)
+# they replay the same ones, so that a pull request fails for its own change only.
+settings.register_profile("ci", derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FEATURES = ["f0", "f1", "f2", "f3"]
