@@ -123,6 +123,8 @@ def test_own_csv(tmp_path_factory, env) -> None:
             },
             "validate": {"feature_range": None},
             "model": {"scaling": "per_feature"},
+            # The base-accuracy gate stays real (asserted below); the transfer gain is the
+            # digits demo's claim, not one this data makes.
             "evaluate": {"min_base_accuracy": 0.9, "min_transfer_gain": -1.0},
         },
     )
@@ -183,6 +185,8 @@ def test_own_image_folder(tmp_path_factory, env) -> None:
         {
             "data": {"source": "data/source/shapes", "image_shape": [8, 8], "image_mode": "grey"},
             "validate": {"feature_range": [0, 255]},
+            # The base-accuracy gate stays real (asserted below); the transfer gain is the
+            # digits demo's claim, not one this data makes.
             "evaluate": {"min_base_accuracy": 0.9, "min_transfer_gain": -1.0},
         },
     )

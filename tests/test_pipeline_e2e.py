@@ -162,6 +162,8 @@ def test_exp_run_of_a_finetune_param_reruns_finetune_and_evaluate_only(
 
 def test_exp_run_of_a_split_param_reruns_from_split(pipeline_repo: Path, pipeline_env) -> None:
     set_params(pipeline_repo, train={"epochs": 5}, finetune={"epochs": 20})  # keep it short
+    # 5 epochs cannot meet the demo's gates; this test checks which stages rerun (the real gates:
+    # test_cold_run_meets_the_readme_claims_with_the_real_gates).
     set_params(pipeline_repo, evaluate={"min_base_accuracy": 0.5, "min_transfer_gain": -1.0})
     commit_all(pipeline_repo, pipeline_env, "short training")
     resplit = run_command(
