@@ -23,6 +23,15 @@ SECTIONS = {
     "train": {"lr": 0.01, "epochs": 3, "patience": None, "device": "auto"},
     "model": {"hidden": [128, 64], "dropout": 0.0},
 }
+# SECTIONS as MLflow params, written out by hand.
+LOGGED_PARAMS = {
+    "train.lr": "0.01",
+    "train.epochs": "3",
+    "train.patience": "null",
+    "train.device": "auto",
+    "model.hidden": "[128, 64]",
+    "model.dropout": "0.0",
+}
 
 
 def test_flatten() -> None:
@@ -63,14 +72,7 @@ def test_stage_run_logs_flattened_params_and_tags(mlflow_client) -> None:
     with stage_run("train", TEST_EXPERIMENT, SECTIONS) as run:
         pass
     logged = mlflow_client.get_run(run.id)
-    assert logged.data.params == {
-        "train.lr": "0.01",
-        "train.epochs": "3",
-        "train.patience": "null",
-        "train.device": "auto",
-        "model.hidden": "[128, 64]",
-        "model.dropout": "0.0",
-    }
+    assert logged.data.params == LOGGED_PARAMS
     assert logged.data.tags["stage"] == "train"
     assert logged.data.tags["mlflow.runName"] == "train"
     assert "dvc_exp_name" not in logged.data.tags
@@ -236,18 +238,7 @@ def test_worker_records_what_inline_logging_records(tmp_path: Path, mlflow_clien
         runs[background] = mlflow_client.get_run(run.id)
     worker, inline = runs[True], runs[False]
     assert worker.info.run_id != inline.info.run_id
-    assert (
-        worker.data.params
-        == inline.data.params
-        == {
-            "train.lr": "0.01",
-            "train.epochs": "3",
-            "train.patience": "null",
-            "train.device": "auto",
-            "model.hidden": "[128, 64]",
-            "model.dropout": "0.0",
-        }
-    )
+    assert worker.data.params == inline.data.params == LOGGED_PARAMS
     assert worker.data.metrics == inline.data.metrics
     assert worker.data.metrics["best.val_accuracy"] == 0.9
     assert worker.info.status == "FINISHED"
