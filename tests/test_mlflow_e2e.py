@@ -185,8 +185,10 @@ def test_an_experiment_names_the_runs_behind_its_cached_stages(
 
 def test_queued_experiments_each_get_a_parent(pipeline_repo: Path, pipeline_env: dict) -> None:
     """Three experiments through `dvc queue start -j 2`: three parents with their own params in
-    the repo's own store, no locking errors, no stray store in DVC's temporary copies."""
-    settings = [f"evaluate.draws={draws}" for draws in (1, 2, 3)]
+    the repo's own store, no locking errors, no stray store in DVC's temporary copies, and each
+    registers the model of the finetune run behind its outputs (the execution's own or, when
+    DVC skipped finetune, the earlier one), though it runs in a copy of the repo."""
+    settings = ["evaluate.draws=1", "evaluate.draws=2", "finetune.lr=0.005"]
     status = run_queued_experiments(pipeline_repo, pipeline_env, settings)
     assert status.count("Success") == 3, status
     logs = "".join(
@@ -197,15 +199,19 @@ def test_queued_experiments_each_get_a_parent(pipeline_repo: Path, pipeline_env:
     assert "database is locked" not in logs and "migration" not in logs.lower()
     assert not list((pipeline_repo / ".dvc/tmp").rglob("*.db"))
     client = client_for(pipeline_repo)
-    queued = parents(client)[1:]
-    assert sorted(p.data.params["evaluate.draws"] for p in queued) == ["1", "2", "3"]
+    first, *queued = parents(client)
+    assert sorted(p.data.params["evaluate.draws"] for p in queued) == ["1", "2", "5"]
     versions = client.search_model_versions(f"name = '{MODEL}'")
-    by_parent = {v.tags.get("parent_run_id"): int(v.version) for v in versions}
-    assert sorted(by_parent.values()) == [1, 2, 3, 4]
+    by_parent = {v.tags.get("parent_run_id"): v for v in versions}
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
     for parent in queued:
-        assert sorted(children(client, parent)) == ["evaluate"]
+        stages = children(client, parent)
+        tuned = parent.data.params["finetune.lr"] == "0.005"
+        assert sorted(stages) == (["evaluate", "finetune"] if tuned else ["evaluate"])
         assert parent.data.metrics["transfer.draws"] == float(parent.data.params["evaluate.draws"])
-        assert by_parent[parent.info.run_id] in (2, 3, 4)  # registered in the repo's store
+        version = by_parent[parent.info.run_id]  # registered in the repo's store
+        producer = stages["finetune"] if tuned else children(client, first)["finetune"]
+        assert version.run_id == producer.info.run_id  # not a copy logged again by evaluate
 
 
 def test_a_stage_run_by_hand_logs_a_standalone_run(pipeline_repo: Path, pipeline_env) -> None:

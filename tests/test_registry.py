@@ -13,11 +13,17 @@ import torch
 from conftest import TEST_EXPERIMENT, make_blobs, make_config, make_model
 
 from stages.core.model import save_model
-from stages.core.registry import CANDIDATE, CHAMPION, log_model, register_candidate
+from stages.core.registry import CANDIDATE, CHAMPION, create_version, log_model, move_aliases
 from stages.core.tracking import stage_run
 from stages.core.training import FitOptions, fit, predict
 
 FEATURES = ["f0", "f1", "f2", "f3"]
+
+
+def register_candidate(client, name, model_uri, accuracy, failures, tags) -> tuple[str, int]:
+    """What evaluate's register then promote do, on a model already logged."""
+    version = create_version(client, name, model_uri, tags)
+    return move_aliases(client, name, version, accuracy, failures), version
 
 
 @pytest.fixture(scope="module")

@@ -63,19 +63,6 @@ def move_aliases(client, name: str, version: int, accuracy: float, failures: lis
     return f"{line} and {CHAMPION} ({ACCURACY_TAG} {accuracy:.4f})"
 
 
-def register_candidate(
-    client,
-    name: str,
-    model_uri: str,
-    accuracy: float,
-    failures: list[str],
-    tags: dict[str, Any],
-) -> tuple[str, int]:
-    """``create_version`` then ``move_aliases``: the line, and the new version."""
-    version = create_version(client, name, model_uri, tags)
-    return move_aliases(client, name, version, accuracy, failures), version
-
-
 def log_model(recorder, model_dir: str, example_path: str) -> str:
     """Log a saved model directory as a pyfunc model on the stage's run (a few rows of the
     parquet split ``example_path`` as its input example); returns the model's URI."""
@@ -95,10 +82,9 @@ def register(recorder, model_dir: str, example_path: str, name: str) -> None:
     """Register the fine-tuned model of this execution as a new version of ``name`` (gates
     pending): the model logged by the run that produced ``model_dir``, or logged here if that
     run is unknown to the store. ``promote`` finishes it."""
-    tags = recorder.parent_tags()
-    producer = tags.get("run.finetune") or tags.get("cached.finetune")
+    producer = recorder.producer("finetune")  # this execution's finetune, or an earlier one
     model_uri = None
-    if producer and producer != "unknown":
+    if producer:
         model_uri = recorder.client.get_run(producer).data.tags.get("model_uri")
     if model_uri is None:
         model_uri = log_model(recorder, model_dir, example_path)

@@ -161,13 +161,17 @@ class Recorder:
         ``resuming``: the stage resumes a checkpoint; the run it was logging to, the newest run
         of this stage with the same key, continues (a new run when the store has none).
         """
-        from mlflow import MlflowClient
+        import mlflow
 
         from stages.core.lineage import execution_key
 
         _quiet_mlflow()
         self.experiment_id = ensure_experiment(experiment)
-        self.client = MlflowClient(tracking_uri())
+        # MLflow resolves some URIs through its global tracking URI, not a client's (a logged
+        # model's models:/m-... when a version is registered from it): make it this store, not
+        # MLflow's default relative to the working directory (a queued experiment's copy).
+        mlflow.set_tracking_uri(tracking_uri())
+        self.client = mlflow.MlflowClient(tracking_uri())
         self.stage = stage
         key = execution_key()
         if key is not None:
@@ -321,7 +325,6 @@ class Recorder:
         import mlflow
 
         if not self.fluent:
-            mlflow.set_tracking_uri(tracking_uri())
             mlflow.start_run(run_id=self.run_id)
             self.fluent = True
 
@@ -363,16 +366,31 @@ class Recorder:
         for stage, outputs in locked_outputs().items():
             if f"run.{stage}" in tags or not outputs:
                 continue
-            path, md5 = next(iter(outputs.items()))
-            found = self.client.search_runs(
-                [self.experiment_id],
-                f"tags.stage = '{stage}' and tags.`dvc.out.{path}` = '{md5}' "
-                "and attributes.status = 'FINISHED'",
-                max_results=1,
-                order_by=["attributes.start_time DESC"],
-            )
-            producer = found[0].info.run_id if found else "unknown"
+            producer = self._run_with_outputs(stage, outputs) or "unknown"
             self.client.set_tag(self.parent_id, f"cached.{stage}", producer)
+
+    def producer(self, stage: str) -> str | None:
+        """The run that produced ``stage``'s outputs now on disk: its run in this execution,
+        else the newest finished run that recorded the same md5 (None when the store has none,
+        e.g. the stage ran with tracking off)."""
+        from stages.core.lineage import dvc_md5, stage_outputs
+
+        ran = self.parent_tags().get(f"run.{stage}")
+        if ran:
+            return ran
+        path = next((p for p in stage_outputs(stage) if Path(p).exists()), None)
+        return self._run_with_outputs(stage, {path: dvc_md5(path)}) if path else None
+
+    def _run_with_outputs(self, stage: str, outputs: dict[str, str]) -> str | None:
+        path, md5 = next(iter(outputs.items()))
+        found = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.stage = '{stage}' and tags.`dvc.out.{path}` = '{md5}' "
+            "and attributes.status = 'FINISHED'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        return found[0].info.run_id if found else None
 
 
 def _quiet_mlflow() -> None:
@@ -563,7 +581,7 @@ def _serve(requests_fd: int, replies_fd: int, preload: list[str]) -> None:
                 os._exit(0)  # no run to end
             message = ("close", ("KILLED",), False)
         operation, args, wants_reply = message
-        if operation == "log_metrics" and not args[3]:  # the stage's own metrics
+        if _is_own_metrics(message):  # the stage's own metrics
             batches = [args[:3]]
             while not inbox.empty() and _is_own_metrics(inbox.queue[0]):
                 batches.append(inbox.get()[1][:3])
