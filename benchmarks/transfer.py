@@ -21,7 +21,13 @@ import torch
 import yaml
 
 from stages.core import layout
-from stages.core.evaluation import compare_on_draws, predictions, scores, summarize_draws
+from stages.core.evaluation import (
+    compare_on_draws,
+    draw_accuracies,
+    predictions,
+    scores,
+    summarize_draws,
+)
 from stages.core.finetuning import fine_tune, sample_shots
 from stages.core.model import Classifier, base_config, encode
 from stages.core.params import PARAMS_FILE, Params, parse_params
@@ -82,7 +88,7 @@ def main() -> None:
             shots = sample_shots(target["train"], params.finetune.shots_per_class, seed)
             shipped = fine_tune(base, config, shots, target["val"], params, seed)
             draws = compare_on_draws(base, config, shipped[:2], target, params)
-            summary = summarize_draws(draws)
+            summary = summarize_draws(*draw_accuracies(draws))
             seconds = time.perf_counter() - started
             row = {
                 "arch": arch,

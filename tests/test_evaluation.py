@@ -18,7 +18,6 @@ from stages.core.evaluation import (
     evaluation_metrics,
     failed_gates,
     gates,
-    label_predictor,
     log_classifier_evaluation,
     predictions,
     score_model,
@@ -28,7 +27,7 @@ from stages.core.evaluation import (
 from stages.core.metrics import scores
 from stages.core.model import Classifier, ModelConfig
 from stages.core.params import EvaluateParams
-from stages.core.training import FitOptions
+from stages.core.training import FitOptions, predict
 
 FEATURES = ["f0", "f1", "f2", "f3"]
 COMMON = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "support"}
@@ -358,7 +357,17 @@ def test_mlflow_classifier_evaluation_of_two_text_classes(mlflow_client) -> None
     assert "confusion_matrix.png" in artifacts
 
 
+def label_predictor(model: Classifier, config: ModelConfig):
+    """``model`` as MLflow's callable form: a frame of raw feature columns -> class labels."""
+
+    def predict_labels(frame: pd.DataFrame) -> np.ndarray:
+        x = torch.tensor(frame[config.feature_names].to_numpy(np.float32))
+        return np.asarray(config.classes)[predict(model, x).numpy()]
+
+    return predict_labels
+
+
 def _evaluate_in_run(recorder, *args):
-    """What stages.core.registry.evaluate_registered does, with a callable model."""
+    """What stages.core.evaluation.evaluate_registered does, with a callable model."""
     recorder.activate()
     return log_classifier_evaluation(*args)

@@ -131,6 +131,12 @@ def compare_on_draws(
     return draws
 
 
+def draw_accuracies(draws: list[Draw]) -> tuple[list[float], list[float]]:
+    """The fine-tuned and the scratch accuracy of each draw, in draw order."""
+    finetuned = [scores(d.finetuned)["accuracy"] for d in draws]
+    return finetuned, [scores(d.scratch)["accuracy"] for d in draws]
+
+
 def summarize_draws(finetuned: list[float], scratch: list[float]) -> dict:
     """Transfer gain (fine-tuned minus scratch accuracy) over the draws: the means, the worst
     draw, and a 95% t-interval for the mean gain (null with a single draw)."""
@@ -171,14 +177,14 @@ def evaluation_metrics(
     def detailed(scored: Scored) -> dict:
         return block(scored.pairs) | detailed_scores(scored.pairs, scored.proba, scored.classes)
 
-    draw_scores = [(scores(d.finetuned)["accuracy"], scores(d.scratch)["accuracy"]) for d in draws]
+    finetuned_accuracy, scratch_accuracy = draw_accuracies(draws)
     metrics = {
         "base": detailed(base),
         "finetuned": detailed(finetuned),
         "scratch": block(draws[0].scratch),
         "sklearn": block(sklearn),
-        "transfer_gain": round(draw_scores[0][0] - draw_scores[0][1], 6),
-        "transfer": summarize_draws([f for f, _ in draw_scores], [s for _, s in draw_scores]),
+        "transfer_gain": round(finetuned_accuracy[0] - scratch_accuracy[0], 6),
+        "transfer": summarize_draws(finetuned_accuracy, scratch_accuracy),
     }
     if zero_shot is not None:
         metrics["zero_shot"] = block(zero_shot)
@@ -311,16 +317,6 @@ def log_classifier_evaluation(
     finally:
         chatty.setLevel(level)
     return dict(result.metrics)
-
-
-def label_predictor(model: Classifier, config: ModelConfig) -> Callable[[pd.DataFrame], np.ndarray]:
-    """``model`` as MLflow's callable form: a frame of raw feature columns -> class labels."""
-
-    def predict_labels(frame: pd.DataFrame) -> np.ndarray:
-        x = torch.tensor(frame[config.feature_names].to_numpy(np.float32))
-        return np.asarray(config.classes)[predict_proba(model, x).argmax(dim=1).numpy()]
-
-    return predict_labels
 
 
 def evaluate_registered(recorder, test_path: str, features: list, proba, classes: list) -> None:
