@@ -85,3 +85,24 @@ def test_stage_module_exits_1_with_one_line(tmp_path: Path) -> None:
     assert done.stderr == "ingest: error: params.yaml: unknown key 'train.lrr'\n"
     assert done.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("exit_with", "code", "stderr"),
+    [("None", 0, ""), ("3", 3, ""), ("'stopped: see the log'", 1, "stopped: see the log\n")],
+)
+def test_script_ends_as_the_interpreter_would(exit_with: str, code: int, stderr: str) -> None:
+    """run_as_script ends the process with os._exit: sys.exit(None) is still 0, and a message
+    is still printed and exits 1."""
+    program = (
+        "import sys\nfrom stages.core.cli import run_as_script\n"
+        f"run_as_script('x', lambda: sys.exit({exit_with}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        env=os.environ | {"PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr) == (code, stderr)

@@ -33,8 +33,12 @@ def run_as_script(name: str, main: Callable[[], None]) -> None:
     code = 0
     try:
         run_stage(name, main, sys.argv[1:])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+    except SystemExit as exc:  # as the interpreter would: None is 0, a message is printed, 1
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
