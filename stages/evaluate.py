@@ -7,7 +7,7 @@ from stages.core.tracking import start_worker
 # First, before the imports below: MLflow's worker process starts and imports mlflow
 # (and what logging the model needs) on another core meanwhile.
 if __name__ == "__main__":
-    start_worker("stages.core.evaluation", "stages.core.serving", "mlflow.pyfunc")
+    start_worker("stages.core.evaluation", "stages.core.serving")
 
 
 import pandas as pd

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from stages.core.errors import one_line
 from stages.core.io import write_atomic
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -95,7 +96,7 @@ class Checkpoints:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a damaged file
-            reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+            reason = one_line(exc, 160)
             self._say(f"warning: skipping the unreadable checkpoint {self.path} ({reason})", True)
             return None
         if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
@@ -108,7 +109,7 @@ class Checkpoints:
         return bool(self.every) and epoch % self.every == 0
 
     def save(self, state: Mapping[str, Any]) -> None:
-        """Write ``state`` (plus the fingerprint and ``extra``) atomically, on the main process."""
+        """Write ``state`` (plus the fingerprint) atomically, on the main process."""
         if not self.main:
             return
         import torch

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from stages.core.errors import TrainingError
+from stages.core.errors import TrainingError, one_line
 from stages.core.model import resolve_device
 from stages.core.params import TrainParams
 
@@ -30,7 +30,6 @@ class World:
 
     rank: int = 0
     size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -63,8 +62,7 @@ def current_world() -> World:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        return World(dist.get_rank(), dist.get_world_size(), local_rank)
+        return World(dist.get_rank(), dist.get_world_size())
     return World()
 
 
@@ -130,9 +128,8 @@ def relaunch(module: str, train: TrainParams, label: str) -> None:
         ) from None
     except RendezvousError as exc:
         where = train.rdzv_endpoint or "localhost"
-        message = " ".join(str(exc).split())[:200]
         raise TrainingError(
-            f"train.rdzv_endpoint: rendezvous at {where} failed: {message}"
+            f"train.rdzv_endpoint: rendezvous at {where} failed: {one_line(exc, 200)}"
         ) from None
 
 

@@ -27,3 +27,10 @@ class ModelError(PipelineError):
 
 class TrainingError(PipelineError):
     """Training cannot give a usable model (for example, the loss is NaN from the start)."""
+
+
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """``exc``'s message on one line (whitespace runs collapsed), at most ``limit`` characters;
+    its type's name when it has no message."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -51,6 +51,7 @@ TABLE_LEVEL = {
     "expect_multicolumn_values_to_be_numeric": 2,
     "expect_column_values_to_be_in_type_list": 2,
 }
+NUMERIC = {"expect_multicolumn_values_to_be_numeric", "expect_column_values_to_be_in_type_list"}
 # Failing rows of these are copies of each other: the gate decides which to keep.
 DUPLICATES = {
     "expect_multicolumn_rows_to_be_unique",
@@ -266,7 +267,7 @@ def _table_failure(kind: str, kwargs: dict, outcome: dict, frame: pd.DataFrame) 
     if kind == "expect_table_row_count_to_be_between":
         observed, least = outcome.get("observed_value"), kwargs.get("min_value")
         return f"{observed} rows, expected at least {least}"
-    if TABLE_LEVEL.get(kind) == TABLE_LEVEL["expect_multicolumn_values_to_be_numeric"]:
+    if kind in NUMERIC:
         from stages.core.gx_multicolumn import is_number_like
 
         for column in kwargs.get("column_list") or [kwargs["column"]]:

@@ -1,7 +1,7 @@
 """LoRA through the peft library: which layers it adapts, wrapping, and merging back.
 
-peft costs about 5 s to import, so it is imported here, inside the functions, and this module is
-only imported when ``finetune.strategy`` is ``lora``.
+peft costs about 5 s to import, so it is imported inside the functions: a stage imports this
+module always and peft only when ``finetune.strategy`` is ``lora``.
 """
 
 from __future__ import annotations

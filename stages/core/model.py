@@ -13,7 +13,7 @@ from torch import nn
 
 from stages.core.architectures import build_body
 from stages.core.data import LABEL, RESERVED
-from stages.core.errors import DataError, ModelError, ParamsError
+from stages.core.errors import DataError, ModelError, ParamsError, one_line
 from stages.core.io import read_json, write_atomic, write_json
 from stages.core.params import DataParams, ModelParams
 
@@ -159,29 +159,22 @@ def load_model(directory: Path | str) -> tuple[Classifier, ModelConfig]:
     try:
         config = ModelConfig(**read_json(config_path))
     except (ValueError, TypeError) as exc:  # bad JSON is a ValueError; unknown keys a TypeError
-        raise ModelError(f"{config_path}: not a model config ({_one_line(exc)})") from None
+        raise ModelError(f"{config_path}: not a model config ({one_line(exc)})") from None
     model = Classifier(config)
     try:
         state = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own error types, or OSError
-        raise ModelError(f"{weights_path}: cannot read the weights ({_one_line(exc)})") from None
+        raise ModelError(f"{weights_path}: cannot read the weights ({one_line(exc)})") from None
     try:
         found = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a tensor of the wrong shape
-        raise ModelError(
-            f"{weights_path}: does not match {CONFIG_FILE}: {_one_line(exc)}"
-        ) from None
+        raise ModelError(f"{weights_path}: does not match {CONFIG_FILE}: {one_line(exc)}") from None
     if found.missing_keys or found.unexpected_keys:
         raise ModelError(
             f"{weights_path}: does not match {CONFIG_FILE}: missing {found.missing_keys[:3]}, "
             f"unexpected {found.unexpected_keys[:3]}"
         )
     return model, config
-
-
-def _one_line(exc: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def encode(frame: pd.DataFrame, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
