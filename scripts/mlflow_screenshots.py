@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from scripts.mlflow_ui import runs_table_url
+from scripts.team import free_port, health
 from stages.core.params import load_params
 from stages.core.tracking import ensure_experiment, local_store_uri, repo_root
 
@@ -39,12 +38,6 @@ TIME_BUDGET_MS = {"table": 25_000, "charts": 90_000}
 
 
 PARENTS_FILTER = "tags.`pipeline.role` = 'parent'"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def screenshot(url: str, path: Path, size: str, budget_ms: int) -> None:
@@ -77,12 +70,11 @@ def main() -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while not health(port):
+            if server.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"mlflow ui on port {port} did not start")
+            time.sleep(0.5)
         table = runs_table_url(base, experiment_id)
         screenshot(table, args.out / "mlflow-runs.png", "1600,900", TIME_BUDGET_MS["table"])
         # The experiment's own tab route: the bare experiment route redirects there and drops

@@ -7,63 +7,10 @@ import ast
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import REPO_ROOT
 
+from scripts.sync_dvc_deps import PACKAGE, code_deps, dvc_stages
 from stages.core.params import Params
-
-PACKAGE = "stages"
-
-
-def dvc_stages() -> dict[str, dict]:
-    return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
-
-
-def module_file(name: str, root: Path = REPO_ROOT) -> Path | None:
-    """The file of project module ``name`` (``stages.core.data``), or None if it is not one."""
-    path = root.joinpath(*name.split("."))
-    if path.with_suffix(".py").is_file():
-        return path.with_suffix(".py")
-    if (path / "__init__.py").is_file():
-        return path / "__init__.py"
-    return None
-
-
-def imported_modules(source: Path, root: Path = REPO_ROOT) -> set[Path]:
-    """Project modules that ``source`` imports anywhere in its body (top level or inside a
-    function: both run when the stage does)."""
-    found: set[Path] = set()
-    for node in ast.walk(ast.parse(source.read_text(), filename=str(source))):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from stages.core import layout` imports the module stages.core.layout.
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        for name in names:
-            if name.split(".")[0] == PACKAGE and (path := module_file(name, root)):
-                found.add(path)
-    return found
-
-
-def closure(start: Path, root: Path = REPO_ROOT) -> set[Path]:
-    """``start`` and every project module it reaches through imports."""
-    seen: set[Path] = set()
-    todo = [start]
-    while todo:
-        path = todo.pop()
-        if path not in seen:
-            seen.add(path)
-            todo.extend(imported_modules(path, root) - seen)
-    return seen
-
-
-def code_deps(stage: dict, root: Path = REPO_ROOT) -> set[str]:
-    """What the stage's code depends on, as dvc.yaml paths; package ``__init__`` files hold
-    no code (checked below), so they are left out."""
-    module = stage["cmd"].split("python -m ", 1)[1].split()[0]
-    files = closure(module_file(module, root), root)
-    return {p.relative_to(root).as_posix() for p in files if p.name != "__init__.py"}
 
 
 @pytest.mark.parametrize("name", list(dvc_stages()))
