@@ -61,3 +61,25 @@ def test_transfer_overrides_are_yaml_values_at_dotted_keys() -> None:
         "finetune": {"lr": 0.01, "lora": {"rank": 8, "target_modules": ["qkv", "out"]}},
         "model": {"arch": "cnn"},
     }
+
+
+@pytest.mark.e2e
+def test_transfer_benchmark_reproduces_the_pipeline_figures(pristine_repo, pipeline_env) -> None:
+    """With the default params, the benchmark's mlp/head row is what the evaluate stage wrote:
+    the same base model, shots, draws and scores, computed by the same core functions."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.transfer", "--arch", "mlp", "--strategy", "head"],
+        cwd=pristine_repo,
+        # The repo's code and data first; benchmarks/ is not part of the pipeline's copy.
+        env=pipeline_env | {"PYTHONPATH": os.pathsep.join([str(pristine_repo), str(REPO_ROOT)])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout.strip().splitlines()[-1])["results"]
+    metrics = json.loads((pristine_repo / "metrics/evaluate.json").read_text())
+    assert (row["arch"], row["strategy"], row["trainable_parameters"]) == ("mlp", "head", 650)
+    assert row["base"] == metrics["base"]["accuracy"]
+    assert row["zero_shot"] == metrics["zero_shot"]["accuracy"]
+    assert {k: row[k] for k in metrics["transfer"]} == metrics["transfer"]
