@@ -1,8 +1,8 @@
 """Our training loop on a GPU: throughput, its ratio to a bare PyTorch loop, and MFU.
 
 Models: the seed's network (784-128-64-10 MLP, Adam, sparse cross-entropy) on MNIST-sized
-synthetic data (60,000 x 784), and the ViT-style transformer of stages.core.architectures on the
-same rows as 28x28 images in 4x4 patches (49 patches + a class token), at widths 256, 512 and
+synthetic data (60,000 x 784), and the ViT-style transformer of stages.core.modeling.architectures
+on the same rows as 28x28 images in 4x4 patches (49 patches + a class token), at widths 256, 512 and
 1024, in bf16 autocast. For each: samples/s of ``fit()`` and of a bare loop doing the same work
 (shuffle, index batches on the device, autocast, Adam, one val pass per epoch), their ratio, and
 model FLOPs utilization against the GPU's dense bf16 peak (training FLOPs = 3 x the forward's
@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from stages.core.architectures import SelfAttention
-from stages.core.model import Classifier, ModelConfig
-from stages.core.training import FitOptions, fit
+from stages.core.engine.training import FitOptions, fit
+from stages.core.modeling.architectures import SelfAttention
+from stages.core.modeling.model import Classifier, ModelConfig
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (SXM parts), in TFLOP/s.
 PEAK_BF16_TFLOPS = {

@@ -32,7 +32,7 @@ PROJECT += [".gitignore"]
 PROJECT += [".dvc/config", ".dvc/plots"]
 WARM = """
 import json, os, sys, time
-from stages.core.cli import run_stage
+from stages.core.common.cli import run_stage
 module = __import__(f"stages.{sys.argv[1]}", fromlist=["main"])
 os.environ["PIPELINE_TRACKING"] = "off"
 run_stage(sys.argv[1], module.main)  # warm-up: lazy imports, caches

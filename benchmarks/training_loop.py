@@ -1,4 +1,4 @@
-"""Our training loop (stages.core.training.fit) vs a bare PyTorch loop on the same work.
+"""Our training loop (stages.core.engine.training.fit) vs a bare PyTorch loop on the same work.
 
 Prints the throughput ratio (target >= 0.9). Run from the repo root:
     .venv/bin/python -m benchmarks.training_loop
@@ -11,8 +11,8 @@ import time
 import torch
 from torch import nn
 
-from stages.core.model import Classifier, ModelConfig
-from stages.core.training import FitOptions, fit
+from stages.core.engine.training import FitOptions, fit
+from stages.core.modeling.model import Classifier, ModelConfig
 
 N_TRAIN, N_VAL, N_FEATURES, N_CLASSES, EPOCHS, BATCH = 1000, 100, 64, 10, 60, 64
 

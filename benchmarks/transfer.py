@@ -20,19 +20,15 @@ import pandas as pd
 import torch
 import yaml
 
-from stages.core import layout
-from stages.core.evaluation import (
-    compare_on_draws,
-    draw_accuracies,
-    predictions,
-    scores,
-    summarize_draws,
-)
-from stages.core.finetuning import fine_tune, sample_shots
-from stages.core.model import Classifier, base_config, encode
-from stages.core.params import PARAMS_FILE, Params, parse_params
-from stages.core.splitting import PARTS
-from stages.core.training import fit, fit_options
+from stages.core.common import layout
+from stages.core.common.params import PARAMS_FILE, Params, parse_params
+from stages.core.data.splitting import PARTS
+from stages.core.engine.training import fit, fit_options
+from stages.core.evaluation.baselines import compare_on_draws, draw_accuracies, summarize_draws
+from stages.core.evaluation.metrics import scores
+from stages.core.evaluation.scoring import predictions
+from stages.core.modeling.finetuning import fine_tune, sample_shots
+from stages.core.modeling.model import Classifier, base_config, encode
 
 
 def with_overrides(raw: dict, overrides: list[str]) -> dict:

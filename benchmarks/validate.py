@@ -1,4 +1,4 @@
-"""The validate gate (stages.core.expectations.gate, Great Expectations doing the checks) vs a
+"""The validate gate (stages.core.data.expectations.gate, Great Expectations doing the checks) vs a
 plain pandas/numpy implementation of the same checks, on 1,000,000 rows x 64 features.
 
 Each side runs in its own process, on the same seeded frame with about 1% damaged rows
@@ -118,7 +118,7 @@ def plain_gate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 
 def per_column_suite() -> list[dict]:
     """The same checks as GX's stock expectations, one per column (what the gate avoids)."""
-    from stages.core.expectations import NUMERIC_TYPES, expectation
+    from stages.core.data.expectations import NUMERIC_TYPES, expectation
 
     suite = [
         expectation("expect_column_to_exist", column=c) for c in [*FEATURES, "label", "domain"]
@@ -146,8 +146,8 @@ def per_column_suite() -> list[dict]:
 def our_gate(
     frame: pd.DataFrame, suite: list[dict] | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    from stages.core.expectations import gate
-    from stages.core.params import ValidateParams
+    from stages.core.common.params import ValidateParams
+    from stages.core.data.expectations import gate
 
     params = ValidateParams(
         feature_range=(LOW, HIGH),
@@ -170,13 +170,13 @@ def measure(side: str, rows: int) -> dict:
     """One side in this process: build the frame, import, validate; times and peak RSS."""
     start = time.perf_counter()
     if side != "plain":
-        from stages.core.telemetry import silence
+        from stages.core.common.telemetry import silence
 
         silence()
         import great_expectations  # noqa: F401
 
-        import stages.core.expectations  # noqa: F401
-        import stages.core.gx_multicolumn  # noqa: F401
+        import stages.core.data.expectations  # noqa: F401
+        import stages.core.data.gx_multicolumn  # noqa: F401
     imports = time.perf_counter() - start
     frame = make_frame(rows)
     frame_mib = frame.memory_usage(deep=True).sum() / 2**20

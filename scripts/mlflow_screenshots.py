@@ -20,8 +20,8 @@ from pathlib import Path
 
 from scripts.mlflow_ui import runs_table_url
 from scripts.team import free_port, health
-from stages.core.params import load_params
-from stages.core.tracking import ensure_experiment, local_store_uri, repo_root
+from stages.core.common.params import load_params
+from stages.core.tracking.store import ensure_experiment, local_store_uri, repo_root
 
 CHROMIUM_FLAGS = [
     "--headless",

@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from stages.core.params import load_params
-from stages.core.tracking import ensure_experiment, local_store_uri, repo_root, tracking_uri
+from stages.core.common.params import load_params
+from stages.core.tracking.store import ensure_experiment, local_store_uri, repo_root, tracking_uri
 
 
 def runs_table_url(base: str, experiment_id: str) -> str:

@@ -23,7 +23,8 @@ def dvc_stages() -> dict[str, dict]:
 
 
 def module_file(name: str, root: Path = ROOT) -> Path | None:
-    """The file of project module ``name`` (``stages.core.data``), or None if it is not one."""
+    """The file of project module ``name`` (``stages.core.data.ingest``), or None if it is
+    not one."""
     path = root.joinpath(*name.split("."))
     if path.with_suffix(".py").is_file():
         return path.with_suffix(".py")
@@ -41,7 +42,7 @@ def imported_modules(source: Path, root: Path = ROOT) -> set[Path]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from stages.core import layout` imports the module stages.core.layout.
+            # `from stages.core.common import layout` imports the module stages.core.common.layout.
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         for name in names:
             if name.split(".")[0] == PACKAGE and (path := module_file(name, root)):

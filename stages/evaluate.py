@@ -2,40 +2,35 @@
 -> metrics/evaluate.json, plots/{confusion,roc,precision_recall}.csv, plots/per_class/,
 reports/evaluation.md, reports/figures/."""
 
-from stages.core.tracking import start_worker
+from stages.core.tracking.runs import start_worker
 
 # First, before the imports below: MLflow's worker process starts and imports mlflow
 # (and what logging the model needs) on another core meanwhile.
 if __name__ == "__main__":
-    start_worker("stages.core.evaluation", "stages.core.serving")
+    start_worker("stages.core.tracking.model_evaluation", "stages.core.tracking.serving")
 
 
 import pandas as pd
 
-from stages.core import layout
-from stages.core.cli import run_as_script
-from stages.core.data import LABEL
-from stages.core.errors import GateError
-from stages.core.evaluation import (
-    classical_baseline,
-    compare_on_draws,
-    evaluate_registered,
-    evaluation_metrics,
-    gates,
-    plot_files,
-    predictions,
-    score_model,
-)
-from stages.core.figures import draw_figures
-from stages.core.finetuning import sample_shots
-from stages.core.io import write_csv, write_json, write_text
-from stages.core.metrics import per_class_scores
-from stages.core.model import load_model
-from stages.core.params import load_params
-from stages.core.registry import promote, register
-from stages.core.report import render_report
-from stages.core.splitting import PARTS
-from stages.core.tracking import stage_run
+from stages.core.common import layout
+from stages.core.common.cli import run_as_script
+from stages.core.common.errors import GateError
+from stages.core.common.io import write_csv, write_json, write_text
+from stages.core.common.params import load_params
+from stages.core.common.schema import LABEL
+from stages.core.data.splitting import PARTS
+from stages.core.evaluation.baselines import classical_baseline, compare_on_draws
+from stages.core.evaluation.figures import draw_figures
+from stages.core.evaluation.gates import gates
+from stages.core.evaluation.metrics import per_class_scores
+from stages.core.evaluation.report import render_report
+from stages.core.evaluation.results import evaluation_metrics, plot_files
+from stages.core.evaluation.scoring import predictions, score_model
+from stages.core.modeling.finetuning import sample_shots
+from stages.core.modeling.model import load_model
+from stages.core.tracking.model_evaluation import evaluate_registered
+from stages.core.tracking.registry import promote, register
+from stages.core.tracking.runs import stage_run
 
 
 def main() -> None:

@@ -3,28 +3,29 @@ per class (finetune.strategy: head, full or lora) -> models/finetuned/, metrics/
 plots/finetune.csv. A killed run resumes from its last checkpoint (``.checkpoints/finetune/``)
 and continues the same MLflow run."""
 
-from stages.core.tracking import start_worker
+from stages.core.tracking.runs import start_worker
 
 # First, before the imports below: MLflow's worker process starts and imports mlflow
 # (and what logging the model needs) on another core meanwhile.
 if __name__ == "__main__":
-    start_worker("stages.core.serving:prepare")
+    start_worker("stages.core.tracking.serving:prepare")
 
 import time
 
 import pandas as pd
 
-from stages.core import layout
-from stages.core.architectures import count_parameters
-from stages.core.checkpoints import Checkpoints, fingerprint
-from stages.core.cli import run_as_script
-from stages.core.finetuning import fine_tune, sample_shots
-from stages.core.io import write_csv, write_json
-from stages.core.model import load_model, resolve_device, save_model
-from stages.core.params import load_params
-from stages.core.registry import log_model
-from stages.core.tracking import stage_run
-from stages.core.training import fit_summary, history_rows
+from stages.core.common import layout
+from stages.core.common.cli import run_as_script
+from stages.core.common.io import write_csv, write_json
+from stages.core.common.params import load_params
+from stages.core.engine.checkpoints import Checkpoints, fingerprint
+from stages.core.engine.devices import resolve_device
+from stages.core.engine.training import fit_summary, history_rows
+from stages.core.modeling.architectures import count_parameters
+from stages.core.modeling.finetuning import fine_tune, sample_shots
+from stages.core.modeling.model import load_model, save_model
+from stages.core.tracking.registry import log_model
+from stages.core.tracking.runs import stage_run
 
 TRAIN_KEYS = ("device", "precision", "cpu_threads", "compile")
 

@@ -1,6 +1,6 @@
 """Stage ingest: the source in params -> data/raw/dataset.parquet (features, label, domain)."""
 
-from stages.core.tracking import start_worker
+from stages.core.tracking.runs import start_worker
 
 # First, before the imports below: MLflow's worker process starts and imports mlflow
 # on another core meanwhile.
@@ -8,13 +8,14 @@ if __name__ == "__main__":
     start_worker()
 
 
-from stages.core import layout
-from stages.core.cli import run_as_script
-from stages.core.data import DOMAIN, LABEL, build_raw_dataset, skipped_columns
-from stages.core.io import write_parquet
-from stages.core.params import load_params
-from stages.core.sources import load_source
-from stages.core.tracking import stage_run
+from stages.core.common import layout
+from stages.core.common.cli import run_as_script
+from stages.core.common.io import write_parquet
+from stages.core.common.params import load_params
+from stages.core.common.schema import DOMAIN, LABEL
+from stages.core.data.ingest import build_raw_dataset, skipped_columns
+from stages.core.data.sources import load_source
+from stages.core.tracking.runs import stage_run
 
 
 def main() -> None:

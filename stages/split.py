@@ -2,7 +2,7 @@
 the leakage check (no feature row in two parts of a domain) and the drift report
 -> reports/drift.json, metrics/drift.json, plots/drift.csv."""
 
-from stages.core.tracking import start_worker
+from stages.core.tracking.runs import start_worker
 
 # First, before the imports below: MLflow's worker process starts and imports mlflow
 # on another core meanwhile.
@@ -12,14 +12,14 @@ if __name__ == "__main__":
 
 import pandas as pd
 
-from stages.core import layout
-from stages.core.cli import run_as_script
-from stages.core.data import RESERVED
-from stages.core.drift import drift_report, most_shifted
-from stages.core.io import write_csv, write_json, write_parquet
-from stages.core.params import load_params
-from stages.core.splitting import check_leakage, split_domains
-from stages.core.tracking import stage_run
+from stages.core.common import layout
+from stages.core.common.cli import run_as_script
+from stages.core.common.io import write_csv, write_json, write_parquet
+from stages.core.common.params import load_params
+from stages.core.common.schema import RESERVED
+from stages.core.data.drift import drift_report, most_shifted
+from stages.core.data.splitting import check_leakage, split_domains
+from stages.core.tracking.runs import stage_run
 
 
 def main() -> None:

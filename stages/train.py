@@ -3,12 +3,12 @@ plots/train.csv. Runs on CUDA (bf16) when present, else on the CPU; with ``train
 relaunches itself through torchrun and trains with DDP. A killed run resumes from its last
 checkpoint (``.checkpoints/train/``) and continues the same MLflow run."""
 
-from stages.core.tracking import start_worker
+from stages.core.tracking.runs import start_worker
 
 # First, before the imports below: MLflow's worker process starts and imports mlflow
 # (and what logging the model needs) on another core meanwhile.
 if __name__ == "__main__":
-    start_worker("stages.core.serving:prepare")
+    start_worker("stages.core.tracking.serving:prepare")
 
 import time
 from contextlib import nullcontext
@@ -16,17 +16,23 @@ from contextlib import nullcontext
 import pandas as pd
 import torch
 
-from stages.core import layout
-from stages.core.architectures import count_parameters
-from stages.core.checkpoints import Checkpoints, fingerprint
-from stages.core.cli import run_as_script
-from stages.core.distributed import World, check_devices, needs_launch, process_group, relaunch
-from stages.core.io import write_csv, write_json
-from stages.core.model import Classifier, base_config, encode, save_model
-from stages.core.params import Params, load_params
-from stages.core.registry import log_model
-from stages.core.tracking import stage_run
-from stages.core.training import fit, fit_options, fit_summary, history_rows
+from stages.core.common import layout
+from stages.core.common.cli import run_as_script
+from stages.core.common.io import write_csv, write_json
+from stages.core.common.params import Params, load_params
+from stages.core.engine.checkpoints import Checkpoints, fingerprint
+from stages.core.engine.distributed import (
+    World,
+    check_devices,
+    needs_launch,
+    process_group,
+    relaunch,
+)
+from stages.core.engine.training import fit, fit_options, fit_summary, history_rows
+from stages.core.modeling.architectures import count_parameters
+from stages.core.modeling.model import Classifier, base_config, encode, save_model
+from stages.core.tracking.registry import log_model
+from stages.core.tracking.runs import stage_run
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ with their reasons; the stage fails when too many rows are bad or a class is too
 inferred from the current raw table, to review, commit and name in ``validate.suite``.
 """
 
-from stages.core.tracking import start_worker
+from stages.core.tracking.runs import start_worker
 
 # First, before the imports below: MLflow's worker process starts and imports mlflow
 # on another core meanwhile.
@@ -18,15 +18,15 @@ import sys
 
 import pandas as pd
 
-from stages.core import layout
-from stages.core.cli import run_as_script
-from stages.core.data import RESERVED
-from stages.core.errors import DataError, GateError
-from stages.core.expectations import gate, infer_suite, load_suite, suite_json
-from stages.core.io import write_json, write_parquet, write_text
-from stages.core.params import load_params
-from stages.core.tracking import stage_run
-from stages.core.validation_report import render_validation_html
+from stages.core.common import layout
+from stages.core.common.cli import run_as_script
+from stages.core.common.errors import DataError, GateError
+from stages.core.common.io import write_json, write_parquet, write_text
+from stages.core.common.params import load_params
+from stages.core.common.schema import RESERVED
+from stages.core.data.expectations import gate, infer_suite, load_suite, suite_json
+from stages.core.data.validation_report import render_validation_html
+from stages.core.tracking.runs import stage_run
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -22,9 +22,9 @@ import torch
 import yaml
 from hypothesis import settings
 
-from stages.core.model import Classifier, ModelConfig, fit_scaling
-from stages.core.params import Params, parse_params
-from stages.core.telemetry import QUIET_ENV
+from stages.core.common.params import Params, parse_params
+from stages.core.common.telemetry import QUIET_ENV
+from stages.core.modeling.model import Classifier, ModelConfig, fit_scaling
 
 # Before any test imports MLflow or Great Expectations, which may read these at import time.
 os.environ.update(QUIET_ENV)

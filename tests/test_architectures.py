@@ -13,17 +13,17 @@ import torch
 from conftest import make_blobs, make_config, make_model, state_copy, states_equal
 from torch import nn
 
-from stages.core.architectures import (
+from stages.core.common.errors import DataError, ParamsError
+from stages.core.common.params import parse_params
+from stages.core.engine.training import FitOptions, evaluate_loss, fit
+from stages.core.modeling.architectures import (
     REGISTRY,
     Transformer,
     build_body,
     count_parameters,
     image_grid,
 )
-from stages.core.errors import DataError, ParamsError
-from stages.core.model import Classifier, ModelConfig, base_config, load_model, save_model
-from stages.core.params import parse_params
-from stages.core.training import FitOptions, evaluate_loss, fit
+from stages.core.modeling.model import Classifier, ModelConfig, base_config, load_model, save_model
 
 TRANSFORMER = {"width": 16, "depth": 2, "heads": 2, "patch_size": 2, "mlp_ratio": 2}
 

@@ -18,8 +18,8 @@ import yaml
 from conftest import REPO_ROOT
 
 from stages import ingest, split, validate
-from stages.core import layout
-from stages.core.cli import run_stage
+from stages.core.common import layout
+from stages.core.common.cli import run_stage
 
 GOOD_CSV = "height,weight,diagnosis,site\n" + "".join(
     f"{h},{w},{d},{s}\n"

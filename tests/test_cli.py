@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-from stages.core.cli import run_stage
-from stages.core.errors import DataError, GateError, ParamsError, PipelineError
+from stages.core.common.cli import run_stage
+from stages.core.common.errors import DataError, GateError, ParamsError, PipelineError
 
 STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
 
@@ -95,7 +95,7 @@ def test_script_ends_as_the_interpreter_would(exit_with: str, code: int, stderr:
     """run_as_script ends the process with os._exit: sys.exit(None) is still 0, and a message
     is still printed and exits 1."""
     program = (
-        "import sys\nfrom stages.core.cli import run_as_script\n"
+        "import sys\nfrom stages.core.common.cli import run_as_script\n"
         f"run_as_script('x', lambda: sys.exit({exit_with}))\n"
     )
     done = subprocess.run(

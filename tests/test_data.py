@@ -8,18 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.core.data import (
-    DOMAIN,
-    LABEL,
+from stages.core.common.errors import DataError
+from stages.core.common.params import DataParams
+from stages.core.common.schema import DOMAIN, LABEL
+from stages.core.data.ingest import (
     assign_domains,
     build_raw_dataset,
     render_target,
     resolve_features,
     skipped_columns,
 )
-from stages.core.errors import DataError
-from stages.core.params import DataParams
-from stages.core.sources import load_source
+from stages.core.data.sources import load_source
 
 
 @pytest.fixture(scope="module")

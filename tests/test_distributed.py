@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 from conftest import make_blobs, make_config, make_model, state_copy
 
-from stages.core.checkpoints import Checkpoints
-from stages.core.training import EpochStats, FitOptions, fit
+from stages.core.engine.checkpoints import Checkpoints
+from stages.core.engine.training import EpochStats, FitOptions, fit
 
 OPTIONS = FitOptions(epochs=6, batch_size=16, lr=0.02, seed=3, device="cpu", cpu_threads=1)
 

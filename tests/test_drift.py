@@ -8,7 +8,8 @@ import pytest
 from conftest import make_raw_frame
 from scipy import stats
 
-from stages.core.drift import (
+from stages.core.common.params import SplitParams
+from stages.core.data.drift import (
     PSI_FLOOR,
     SHIFTED_PSI,
     compare,
@@ -17,8 +18,7 @@ from stages.core.drift import (
     most_shifted,
     psi,
 )
-from stages.core.params import SplitParams
-from stages.core.splitting import split_domains
+from stages.core.data.splitting import split_domains
 
 
 @pytest.mark.parametrize("integers", [False, True])

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from scripts.sync_dvc_deps import PACKAGE, code_deps, dvc_stages
-from stages.core.params import Params
+from stages.core.common.params import Params
 
 
 @pytest.mark.parametrize("name", list(dvc_stages()))

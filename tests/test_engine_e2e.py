@@ -119,8 +119,8 @@ def test_exp_run_with_two_processes(repo: Path, env: dict) -> None:
     import pandas as pd
     import torch
 
-    from stages.core.model import load_model
-    from stages.core.training import predict
+    from stages.core.engine.training import predict
+    from stages.core.modeling.model import load_model
 
     test = pd.read_parquet(repo / "data/splits/base_test.parquet")
 

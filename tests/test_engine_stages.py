@@ -15,12 +15,12 @@ from conftest import TEST_EXPERIMENT, make_raw_frame
 
 from stages import finetune as finetune_stage
 from stages import train as train_stage
-from stages.core.cli import run_stage
-from stages.core.distributed import World, launch_command, needs_launch
-from stages.core.errors import ParamsError
-from stages.core.params import TrainParams, parse_params
-from stages.core.splitting import split_domains
-from stages.core.tracking import StageRun, stage_run
+from stages.core.common.cli import run_stage
+from stages.core.common.errors import ParamsError
+from stages.core.common.params import TrainParams, parse_params
+from stages.core.data.splitting import split_domains
+from stages.core.engine.distributed import World, launch_command, needs_launch
+from stages.core.tracking.runs import StageRun, stage_run
 
 SMALL = {
     "data": {"image_shape": None},

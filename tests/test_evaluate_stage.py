@@ -13,13 +13,13 @@ import torch
 import yaml
 
 from stages import evaluate
-from stages.core import layout
-from stages.core.cli import run_stage
-from stages.core.finetuning import fine_tune, sample_shots
-from stages.core.io import write_csv, write_parquet
-from stages.core.model import Classifier, ModelConfig, encode, fit_scaling, save_model
-from stages.core.params import parse_params
-from stages.core.training import FitOptions, fit, history_rows
+from stages.core.common import layout
+from stages.core.common.cli import run_stage
+from stages.core.common.io import write_csv, write_parquet
+from stages.core.common.params import parse_params
+from stages.core.engine.training import FitOptions, fit, history_rows
+from stages.core.modeling.finetuning import fine_tune, sample_shots
+from stages.core.modeling.model import Classifier, ModelConfig, encode, fit_scaling, save_model
 
 FEATURES = ["f0", "f1", "f2", "f3"]
 PARAMS = {

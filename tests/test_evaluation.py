@@ -10,24 +10,21 @@ import pytest
 import torch
 from conftest import make_blobs, make_config, state_copy, states_equal
 
-from stages.core.evaluation import (
+from stages.core.common.params import EvaluateParams
+from stages.core.engine.training import FitOptions, predict
+from stages.core.evaluation.baselines import (
     Draw,
-    Scored,
     classical_baseline,
     compare_on_draws,
-    evaluation_metrics,
-    failed_gates,
-    gates,
-    log_classifier_evaluation,
-    predictions,
-    score_model,
     summarize_draws,
     train_scratch,
 )
-from stages.core.metrics import scores
-from stages.core.model import Classifier, ModelConfig
-from stages.core.params import EvaluateParams
-from stages.core.training import FitOptions, predict
+from stages.core.evaluation.gates import failed_gates, gates
+from stages.core.evaluation.metrics import scores
+from stages.core.evaluation.results import evaluation_metrics
+from stages.core.evaluation.scoring import Scored, predictions, score_model
+from stages.core.modeling.model import Classifier, ModelConfig
+from stages.core.tracking.model_evaluation import log_classifier_evaluation
 
 FEATURES = ["f0", "f1", "f2", "f3"]
 COMMON = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "support"}
@@ -264,9 +261,9 @@ def test_evaluation_metrics_blocks() -> None:
 def test_compare_on_draws_scores_the_shipped_model_then_retrains() -> None:
     from conftest import make_model
 
-    from stages.core.finetuning import few_shot_options, fine_tune, sample_shots
-    from stages.core.params import parse_params
-    from stages.core.training import fit
+    from stages.core.common.params import parse_params
+    from stages.core.engine.training import fit
+    from stages.core.modeling.finetuning import few_shot_options, fine_tune, sample_shots
 
     params = parse_params(
         {
@@ -318,7 +315,7 @@ def test_compare_on_draws_scores_the_shipped_model_then_retrains() -> None:
 
 
 def _tensors(frame: pd.DataFrame, config: ModelConfig):
-    from stages.core.model import encode
+    from stages.core.modeling.model import encode
 
     return encode(frame, config)
 
@@ -327,8 +324,8 @@ def test_mlflow_classifier_evaluation_of_two_text_classes(mlflow_client) -> None
     """MLflow's evaluation, with our ROC AUC and log loss, of a model with text labels."""
     from conftest import TEST_EXPERIMENT
 
-    from stages.core.metrics import probability_scores
-    from stages.core.tracking import stage_run
+    from stages.core.evaluation.metrics import probability_scores
+    from stages.core.tracking.runs import stage_run
 
     model, config = _hand_wired()
     rng = np.random.default_rng(0)
@@ -368,6 +365,6 @@ def label_predictor(model: Classifier, config: ModelConfig):
 
 
 def _evaluate_in_run(recorder, *args):
-    """What stages.core.evaluation.evaluate_registered does, with a callable model."""
+    """What stages.core.evaluation.scoring.evaluate_registered does, with a callable model."""
     recorder.activate()
     return log_classifier_evaluation(*args)

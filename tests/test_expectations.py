@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from conftest import DOMAINS, FEATURES, ROWS_PER_PAIR, make_raw_frame
 
-from stages.core.errors import DataError
-from stages.core.expectations import (
+from stages.core.common.errors import DataError
+from stages.core.common.params import ValidateParams
+from stages.core.data.expectations import (
     RAW_ROW,
     REASON,
     gate,
@@ -21,7 +22,6 @@ from stages.core.expectations import (
     short_classes,
     suite_json,
 )
-from stages.core.params import ValidateParams
 
 LENIENT = ValidateParams(max_quarantine_fraction=1.0, min_rows_per_class=1)
 
@@ -462,9 +462,9 @@ def test_bad_suite_file_is_one_line(tmp_path, content: str | None, expected: str
 def test_a_few_bad_pixels_in_the_demo_quarantine_only_their_rows() -> None:
     """The issue's first failure: ~2% of rows with NaN, inf or out-of-range pixels stopped the
     pipeline with half the dataset quarantined (the rendering bound moved with them)."""
-    from stages.core.data import build_raw_dataset
-    from stages.core.params import DataParams
-    from stages.core.sources import load_sklearn
+    from stages.core.common.params import DataParams
+    from stages.core.data.ingest import build_raw_dataset
+    from stages.core.data.sources import load_sklearn
 
     digits = load_sklearn("digits")
     pixels = [c for c in digits.columns if c != "label"]

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from conftest import REPO_ROOT
 
-from stages.core.figures import DPI, SIZE, draw_figures
+from stages.core.evaluation.figures import DPI, SIZE, draw_figures
 
 CLASSES = [0, 1, 2]
 

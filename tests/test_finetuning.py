@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import make_blobs, make_config, make_model, make_raw_frame, state_copy, states_equal
 
-from stages.core.errors import DataError
-from stages.core.finetuning import adapt, few_shot_options, sample_shots
-from stages.core.params import parse_params
-from stages.core.training import FitOptions, fit
+from stages.core.common.errors import DataError
+from stages.core.common.params import parse_params
+from stages.core.engine.training import FitOptions, fit
+from stages.core.modeling.finetuning import adapt, few_shot_options, sample_shots
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from conftest import DOMAINS, FEATURES, make_raw_frame
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from stages.core.expectations import RAW_ROW, REASON, gate
-from stages.core.params import ValidateParams
+from stages.core.common.params import ValidateParams
+from stages.core.data.expectations import RAW_ROW, REASON, gate
 
 BASE = make_raw_frame(rows_per_pair=4, seed=11)  # 24 rows
 LENIENT = ValidateParams(max_quarantine_fraction=1.0, min_rows_per_class=1)

@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from stages.core.io import (
+from stages.core.common.io import (
     read_json,
     write_atomic,
     write_csv,

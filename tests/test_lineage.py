@@ -10,9 +10,9 @@ import pytest
 import yaml
 from conftest import GIT_ID
 
-from stages.core.lineage import (
+from stages.core.common.digests import dvc_md5
+from stages.core.tracking.lineage import (
     _is_dvc,
-    dvc_md5,
     execution_key,
     git_state,
     locked_data_inputs,
@@ -72,7 +72,7 @@ def test_execution_key_is_the_dvc_ancestor(tmp_path: Path, pipeline_env: dict) -
     """Two stages under one `dvc repro` share a key; a second `dvc repro` gets another."""
     _run(["git", "init", "-q"], tmp_path)
     _run(["dvc", "init", "-q"], tmp_path, pipeline_env)
-    record = "from stages.core.lineage import execution_key; print(execution_key())"
+    record = "from stages.core.tracking.lineage import execution_key; print(execution_key())"
     stages = {
         name: {"cmd": f'python -c "{record}" > {name}.key', "outs": [f"{name}.key"]}
         for name in ("a", "b")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import classification_report, recall_score, roc_auc_score
 
-from stages.core.metrics import (
+from stages.core.evaluation.metrics import (
     bootstrap_intervals,
     bootstrap_weights,
     calibration_bins,

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import PIPELINE_STAGES, run_command, run_queued_experiments
 
-from stages.core.tracking import flatten
+from stages.core.tracking.recorder import flatten
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 EXPERIMENT = "finetune-pipeline"

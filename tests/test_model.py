@@ -13,8 +13,10 @@ import torch
 from conftest import make_blobs, make_config, make_model, state_copy, states_equal
 from safetensors.torch import load_file
 
-from stages.core.errors import DataError, ParamsError
-from stages.core.model import (
+from stages.core.common.errors import DataError, ParamsError
+from stages.core.engine.devices import resolve_device, resolve_precision
+from stages.core.engine.training import FitOptions, fit
+from stages.core.modeling.model import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     Classifier,
@@ -22,11 +24,8 @@ from stages.core.model import (
     encode,
     fit_scaling,
     load_model,
-    resolve_device,
-    resolve_precision,
     save_model,
 )
-from stages.core.training import FitOptions, fit
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
-from stages.core.cli import run_stage
-from stages.core.errors import ParamsError
-from stages.core.params import Params, load_params, parse_params
-from stages.core.training import fit_options
+from stages.core.common.cli import run_stage
+from stages.core.common.errors import ParamsError
+from stages.core.common.params import Params, load_params, parse_params
+from stages.core.engine.training import fit_options
 
 
 def _error(raw: dict, path: str = "params.yaml") -> str:

@@ -174,17 +174,30 @@ def test_exp_run_of_a_split_param_reruns_from_split(pipeline_repo: Path, pipelin
     assert read_json(pipeline_repo, "metrics/train.json")["epochs_run"] == 5
 
 
+def test_editing_ingest_code_reruns_ingest_alone(pipeline_repo: Path, pipeline_env: dict) -> None:
+    """Ingest's core module is a dependency of ingest only: an edit reruns ingest, whose output
+    comes out byte-identical, so DVC skips every later stage."""
+    module = pipeline_repo / "stages/core/data/ingest.py"
+    module.write_text(module.read_text() + "\n# a change\n")
+    rerun = run_command(["dvc", "repro"], pipeline_repo, pipeline_env)
+    assert ran_stages(rerun.stdout) == ["ingest"]
+    assert "Stage 'validate' didn't change, skipping" in rerun.stdout
+
+
 def test_editing_a_shared_module_makes_every_stage_that_imports_it_stale(
     pipeline_repo: Path, pipeline_env: dict
 ) -> None:
-    """stages/core/data.py is imported by every stage: a change to it reruns all six, while a
-    change to the fine-tuning code leaves ingest ... train alone."""
-    module = pipeline_repo / "stages/core/data.py"
+    """stages/core/common/schema.py (the reserved column names) is imported by every stage: a
+    change to it reruns all six, while a change to the fine-tuning code leaves ingest ... train
+    alone."""
+    module = pipeline_repo / "stages/core/common/schema.py"
     module.write_text(module.read_text() + "\n# a change\n")
     dry = run_command(["dvc", "repro", "--dry"], pipeline_repo, pipeline_env)
     assert ran_stages(dry.stdout) == PIPELINE_STAGES
-    run_command(["git", "checkout", "--", "stages/core/data.py"], pipeline_repo, pipeline_env)
-    module = pipeline_repo / "stages/core/finetuning.py"
+    run_command(
+        ["git", "checkout", "--", "stages/core/common/schema.py"], pipeline_repo, pipeline_env
+    )
+    module = pipeline_repo / "stages/core/modeling/finetuning.py"
     module.write_text(module.read_text() + "\n# a change\n")
     dry = run_command(["dvc", "repro", "--dry"], pipeline_repo, pipeline_env)
     assert ran_stages(dry.stdout) == ["finetune", "evaluate"]

@@ -12,10 +12,16 @@ import pytest
 import torch
 from conftest import TEST_EXPERIMENT, make_blobs, make_config, make_model
 
-from stages.core.model import save_model
-from stages.core.registry import CANDIDATE, CHAMPION, create_version, log_model, move_aliases
-from stages.core.tracking import stage_run
-from stages.core.training import FitOptions, fit, predict
+from stages.core.engine.training import FitOptions, fit, predict
+from stages.core.modeling.model import save_model
+from stages.core.tracking.registry import (
+    CANDIDATE,
+    CHAMPION,
+    create_version,
+    log_model,
+    move_aliases,
+)
+from stages.core.tracking.runs import stage_run
 
 FEATURES = ["f0", "f1", "f2", "f3"]
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from stages.core.evaluation import gates, summarize_draws
-from stages.core.params import EvaluateParams, parse_params
-from stages.core.report import render_report
+from stages.core.common.params import EvaluateParams, parse_params
+from stages.core.evaluation.baselines import summarize_draws
+from stages.core.evaluation.gates import gates
+from stages.core.evaluation.report import render_report
 
 FIGURES = {"Confusion matrix": "figures/confusion.png", "Recall per class": "figures/recall.png"}
 

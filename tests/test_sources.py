@@ -19,16 +19,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages.core.data import DOMAIN, LABEL, build_raw_dataset
-from stages.core.errors import DataError
-from stages.core.io import write_parquet
-from stages.core.layout import SOURCE_CACHE
-from stages.core.params import DataParams
-from stages.core.sources import (
-    DOWNLOAD_RETRIES,
-    image_feature_names,
-    load_source,
-)
+from stages.core.common.errors import DataError
+from stages.core.common.io import write_parquet
+from stages.core.common.layout import SOURCE_CACHE
+from stages.core.common.params import DataParams
+from stages.core.common.schema import DOMAIN, LABEL
+from stages.core.data.ingest import build_raw_dataset
+from stages.core.data.sources import DOWNLOAD_RETRIES, image_feature_names, load_source
 
 TABLE = pd.DataFrame(
     {

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from conftest import make_raw_frame
 
-from stages.core import layout
-from stages.core.errors import DataError
-from stages.core.params import SplitParams
-from stages.core.splitting import (
+from stages.core.common import layout
+from stages.core.common.errors import DataError
+from stages.core.common.params import SplitParams
+from stages.core.data.splitting import (
     PARTS,
     check_leakage,
     shared_feature_rows,

@@ -15,13 +15,13 @@ from conftest import REPO_ROOT, state_copy, states_equal
 from safetensors.torch import load_file
 from test_architectures import TRANSFORMER, _bars, _image_config
 
-from stages.core.architectures import count_parameters
-from stages.core.errors import ParamsError
-from stages.core.finetuning import adapt, fine_tune, optimizer_groups
-from stages.core.lora import adaptable_layers, merge_lora, resolve_targets
-from stages.core.model import Classifier, load_model, save_model
-from stages.core.params import LoraParams, parse_params
-from stages.core.training import FitOptions, fit
+from stages.core.common.errors import ParamsError
+from stages.core.common.params import LoraParams, parse_params
+from stages.core.engine.training import FitOptions, fit
+from stages.core.modeling.architectures import count_parameters
+from stages.core.modeling.finetuning import adapt, fine_tune, optimizer_groups
+from stages.core.modeling.lora import adaptable_layers, merge_lora, resolve_targets
+from stages.core.modeling.model import Classifier, load_model, save_model
 
 ARCHS = {
     "mlp": {},
@@ -183,7 +183,7 @@ def test_fine_tune_with_lora_saves_a_model_that_loads_without_peft(bases, tmp_pa
     assert not any("lora" in key for key in load_file(str(tmp_path / "model.safetensors")))
     script = (
         "import sys; sys.modules['peft'] = None\n"  # any import of peft now fails
-        "from stages.core.model import load_model\n"
+        "from stages.core.modeling.model import load_model\n"
         f"model, config = load_model({str(tmp_path)!r})\n"
         "print(config.arch, sum(p.numel() for p in model.parameters()))\n"
     )
@@ -203,8 +203,8 @@ def test_head_and_full_do_not_import_peft(tmp_path: Path) -> None:
     """peft costs seconds to import: only the lora strategy pays for it."""
     script = (
         "import sys, torch\n"
-        "from stages.core.finetuning import adapt, fine_tune\n"
-        "from stages.core.model import Classifier, ModelConfig\n"
+        "from stages.core.modeling.finetuning import adapt, fine_tune\n"
+        "from stages.core.modeling.model import Classifier, ModelConfig\n"
         "config = ModelConfig('mlp', 2, [4], 0.0, [0, 1], ['a', 'b'], [0.0, 0.0], [1.0, 1.0])\n"
         "for strategy in ('head', 'full'):\n"
         "    adapt(Classifier(config), 2, strategy, 0)\n"
@@ -221,7 +221,7 @@ def test_head_and_full_do_not_import_peft(tmp_path: Path) -> None:
 def test_a_lora_run_resumes_to_the_same_bytes(bases, tmp_path: Path, capsys) -> None:
     """A LoRA fine-tune killed mid-run resumes from its checkpoint (adapters, the head copy,
     Adam, LoRA dropout's RNG) and merges into the same weights as an uninterrupted run."""
-    from stages.core.checkpoints import Checkpoints, fingerprint
+    from stages.core.engine.checkpoints import Checkpoints, fingerprint
 
     config = _image_config("transformer", [4, 4], TRANSFORMER)
     params = parse_params(

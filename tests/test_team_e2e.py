@@ -230,7 +230,7 @@ def test_a_fresh_experiment_created_by_many_at_once(team_stack: TeamStack, monke
 
     from mlflow import MlflowClient
 
-    from stages.core import tracking
+    from stages.core.tracking.runs import runs as tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team_stack.uri)
     name = f"created-at-once-{secrets.token_hex(4)}"

@@ -9,15 +9,11 @@ import numpy as np
 import pytest
 from conftest import TEST_EXPERIMENT
 
-from stages.core.errors import DataError, TrackingError
-from stages.core.tracking import (
-    ensure_experiment,
-    flatten,
-    repo_root,
-    stage_run,
-    tracking_uri,
-)
-from stages.core.training import EpochStats
+from stages.core.common.errors import DataError, TrackingError
+from stages.core.engine.training import EpochStats
+from stages.core.tracking.recorder import flatten
+from stages.core.tracking.runs import stage_run
+from stages.core.tracking.store import ensure_experiment, repo_root, tracking_uri
 
 SECTIONS = {
     "train": {"lr": 0.01, "epochs": 3, "patience": None, "device": "auto"},
@@ -269,7 +265,7 @@ def test_worker_marks_the_run_killed_when_the_stage_dies(mlflow_uri: str, mlflow
 
     script = (
         "import os, signal\n"
-        "from stages.core.tracking import stage_run\n"
+        "from stages.core.tracking.runs import stage_run\n"
         f"with stage_run('train', {TEST_EXPERIMENT!r}, {{}}, background=True) as run:\n"
         "    print(run.id, flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_config, make_model, state_copy, states_equal
 
-from stages.core.training import (
+from stages.core.engine.training import (
     EpochStats,
     FitOptions,
     FitResult,

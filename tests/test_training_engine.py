@@ -13,10 +13,10 @@ import torch
 from conftest import make_config, make_model, state_copy, states_equal
 from torch import nn
 
-from stages.core.checkpoints import CHECKPOINT_FILE, Checkpoints, fingerprint
-from stages.core.errors import TrainingError
-from stages.core.progress import EpochProgress
-from stages.core.training import EpochStats, FitOptions, fit, lr_factor
+from stages.core.common.errors import TrainingError
+from stages.core.engine.checkpoints import CHECKPOINT_FILE, Checkpoints, fingerprint
+from stages.core.engine.progress import EpochProgress
+from stages.core.engine.training import EpochStats, FitOptions, fit, lr_factor
 
 # Every state a resume must restore matters here: dropout (global RNG), the shuffle, a cosine
 # schedule with warmup, Adam's moments, accumulation and early stopping's best weights.

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 from conftest import DOMAINS, FEATURES, make_raw_frame
 
-from stages.core.expectations import gate
-from stages.core.params import ValidateParams
-from stages.core.validation_report import render_validation_html
+from stages.core.common.params import ValidateParams
+from stages.core.data.expectations import gate
+from stages.core.data.validation_report import render_validation_html
 
 LENIENT = ValidateParams(max_quarantine_fraction=1.0, min_rows_per_class=1)
 

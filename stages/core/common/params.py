@@ -1,0 +1,315 @@
+"""The one params loader: params.yaml -> typed, validated objects."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from stages.core.common.errors import ParamsError
+
+PARAMS_FILE = "params.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    source: str = "sklearn:digits"
+    label: str = "label"
+    features: list[str] | None = None
+    domain_column: str | None = None
+    base_domain: str = "base"
+    target_domain: str = "target"
+    target_fraction: float = Field(0.5, gt=0, lt=1)
+    target_transform: Literal["invert", "none"] = "invert"
+    seed: int = 42
+    image_mode: Literal["grey", "rgb"] = "grey"
+    # [H, W] (grey) or [C, H, W]; the features are the flattened pixels in C, H, W order.
+    image_shape: list[int] | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", validate_default=True)
+    download_timeout: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _distinct_domains(self) -> DataParams:
+        if self.base_domain == self.target_domain:
+            raise ValueError("base_domain and target_domain must differ")
+        return self
+
+    @field_validator("sha256")
+    @classmethod
+    def _checksum_for_urls(cls, value: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source", "")
+        if value is None and source.startswith(("http://", "https://")):
+            raise ValueError(
+                "required for an http(s) source: set it to the file's SHA-256 (sha256sum FILE)"
+            )
+        if value is not None and source.startswith("sklearn:"):
+            raise ValueError("checks a file or URL source; set it to null for sklearn: sources")
+        return value
+
+    @field_validator("image_shape")
+    @classmethod
+    def _image_shape(cls, shape: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if shape is None:
+            return shape
+        if len(shape) not in (2, 3) or any(size < 1 for size in shape):
+            raise ValueError("must be [H, W] or [C, H, W] of positive sizes")
+        channels = shape[0] if len(shape) == 3 else 1
+        if channels != (3 if info.data.get("image_mode") == "rgb" else 1):
+            raise ValueError("must be [3, H, W] for image_mode rgb, [H, W] or [1, H, W] for grey")
+        return shape
+
+
+class ValidateParams(_Section):
+    feature_range: tuple[float, float] | None = (0, 16)
+    max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
+    min_rows_per_class: int = Field(5, ge=1)
+    suite: str | None = None
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_under_data_suites(cls, value: str | None) -> str | None:
+        # validate depends on data/suites/ in dvc.yaml: a suite elsewhere would not rerun it.
+        path = PurePosixPath(value) if value is not None else None
+        if path is not None and (path.parts[:2] != ("data", "suites") or path.suffix != ".json"):
+            raise ValueError("must be a .json file under data/suites/ (e.g. data/suites/raw.json)")
+        return value
+
+    @field_validator("feature_range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and value[0] > value[1]:
+            raise ValueError("feature_range must be [low, high] with low <= high")
+        return value
+
+
+class SplitParams(_Section):
+    seed: int = 42
+    test_size: float = Field(0.2, gt=0, lt=1)
+    val_size: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> SplitParams:
+        if self.test_size + self.val_size >= 1:
+            raise ValueError("test_size + val_size must leave rows for training (< 1)")
+        return self
+
+
+class CnnParams(_Section):
+    channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)
+    kernel_size: int = Field(3, ge=1)
+
+    @field_validator("channels")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(size < 1 for size in value):
+            raise ValueError("every channel count must be >= 1")
+        return value
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("kernel_size must be odd (the convolutions keep the image size)")
+        return value
+
+
+class TransformerParams(_Section):
+    width: int = Field(32, ge=1)
+    depth: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    patch_size: int = Field(2, ge=1)
+    mlp_ratio: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TransformerParams:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be a multiple of heads {self.heads}")
+        return self
+
+
+class ModelParams(_Section):
+    arch: Literal["mlp", "cnn", "transformer"] = "mlp"
+    scaling: Literal["global", "per_feature"] = "global"
+    hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    cnn: CnnParams = Field(default_factory=CnnParams)
+    transformer: TransformerParams = Field(default_factory=TransformerParams)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(width < 1 for width in value):
+            raise ValueError("every hidden width must be >= 1")
+        return value
+
+    def arch_options(self) -> dict:
+        """The chosen arch's own hyperparameters (model.cnn / model.transformer); none for mlp."""
+        return {} if self.arch == "mlp" else getattr(self, self.arch).model_dump(mode="json")
+
+
+class TrainParams(_Section):
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.001, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 42
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    patience: int | None = Field(10, ge=1)
+    cpu_threads: int | None = Field(1, ge=1)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    compile: bool = False
+    checkpoint_every: int | None = Field(5, ge=1)
+    nproc: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    rdzv_endpoint: str | None = Field(None, pattern=r"^[^:\s]+:\d+$")
+
+    @model_validator(mode="after")
+    def _launch(self) -> TrainParams:
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("rdzv_endpoint (host:port of node 0) is needed when nnodes > 1")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be < nnodes {self.nnodes}")
+        if self.nproc * self.nnodes > 1 and re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(
+                f"device {self.device!r} names one GPU; with several processes use cuda or auto "
+                "(each process takes the GPU of its local rank)"
+            )
+        return self
+
+
+class LoraParams(_Section):
+    # Measured on the digits (benchmarks/README.md): rank 8, alpha 16 and dropout 0.1 transfer
+    # better than rank 4 without dropout, for the transformer and the mlp.
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, min_length=1)
+
+
+class FinetuneParams(_Section):
+    shots_per_class: int = Field(5, ge=1)
+    strategy: Literal["head", "full", "lora"] = "head"
+    body_lr: float | None = Field(None, gt=0)
+    lora: LoraParams = Field(default_factory=LoraParams)
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 42
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    checkpoint_every: int | None = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _body_lr_needs_full(self) -> FinetuneParams:
+        if self.body_lr is not None and self.strategy != "full":
+            raise ValueError(f"body_lr applies to strategy full only (strategy is {self.strategy})")
+        return self
+
+
+class EvaluateParams(_Section):
+    min_base_accuracy: float = Field(0.93, ge=0, le=1)
+    min_transfer_gain: float = Field(0.03, ge=-1, le=1)
+    min_class_recall: float | None = Field(None, ge=0, le=1)
+    draws: int = Field(5, ge=1)
+    bootstrap_resamples: int = Field(2000, ge=100)
+    bootstrap_seed: int = 42
+
+
+class TrackingParams(_Section):
+    experiment: str = Field("finetune-pipeline", min_length=1)
+    registered_model: str = Field("digits-classifier", min_length=1)
+
+
+class Params(_Section):
+    """Every section of params.yaml; a missing section takes its defaults."""
+
+    data: DataParams = Field(default_factory=DataParams)
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
+    split: SplitParams = Field(default_factory=SplitParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _arch_fits_the_data(self) -> Params:
+        shape, model = self.data.image_shape, self.model
+        if model.arch == "cnn" and shape is None:
+            raise ValueError(
+                "model.arch: cnn needs data.image_shape ([H, W] or [C, H, W]), which is null"
+            )
+        patch = model.transformer.patch_size
+        if (
+            model.arch == "transformer"
+            and shape is not None
+            and (shape[-1] % patch or shape[-2] % patch)
+        ):
+            raise ValueError(
+                f"model.transformer.patch_size: {patch} does not divide data.image_shape {shape}"
+            )
+        return self
+
+    def section(self, name: str) -> dict:
+        """One section as plain data, keyed as in params.yaml."""
+        return getattr(self, "validate_" if name == "validate" else name).model_dump(mode="json")
+
+
+def _describe(error: dict, path: Path) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if not key:  # a check across sections: its message names the keys
+        return f"{path}: {message}"
+    if error["type"] == "extra_forbidden":
+        return f"{path}: unknown key '{key}'"
+    # A whole section as the bad input would bury the message: show values, not sections.
+    if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict):
+        return f"{path}: {key}: {message} (got {error['input']!r})"
+    return f"{path}: {key}: {message}"
+
+
+def parse_params(raw: dict, path: Path | str = PARAMS_FILE) -> Params:
+    """Validate a params mapping; raise ParamsError naming the first bad key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise ParamsError(_describe(first, Path(path))) from None
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read params.yaml once into typed params; raise ParamsError on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(raw, path)

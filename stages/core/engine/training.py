@@ -1,0 +1,380 @@
+"""The one training loop, shared by train, finetune and the baselines (scratch, evaluate's draws).
+
+Batches are index slices of tensors held on the device (measured 1.43x faster than a DataLoader
+at these sizes). Around that: Adam, a learning-rate schedule (constant or cosine, with warmup),
+gradient clipping and accumulation, optional ``torch.compile``, bf16 autocast on CUDA, early
+stopping, checkpoints that resume to the same bytes, DistributedDataParallel under torchrun and
+a progress display."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.core.common.errors import TrainingError
+from stages.core.engine.checkpoints import Checkpoints
+from stages.core.engine.devices import resolve_device, resolve_precision
+from stages.core.engine.distributed import World, agree, current_world
+from stages.core.engine.progress import EpochProgress
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    epochs: int
+    batch_size: int  # rows per optimizer step; several processes split each batch
+    lr: float
+    weight_decay: float = 0.0
+    seed: int = 0
+    patience: int | None = None  # early stopping on val loss; None trains every epoch
+    device: str = "auto"
+    precision: str = "auto"
+    cpu_threads: int | None = None  # None keeps torch's default
+    schedule: str = "constant"  # constant | cosine (to 0 at the last step), after any warmup
+    warmup_epochs: float = 0.0  # linear warmup from lr / warmup steps, in epochs
+    grad_clip: float | None = None  # max global gradient norm
+    grad_accum: int = 1  # batches whose gradients add up to one optimizer step
+    compile: bool = False  # torch.compile the model for training
+
+
+def fit_options(section: Mapping[str, Any], **overrides: Any) -> FitOptions:
+    """FitOptions from a params section (``train``), skipping its keys that are not options."""
+    names = {f.name for f in fields(FitOptions)}
+    return FitOptions(**{k: v for k, v in section.items() if k in names} | overrides)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+
+
+@dataclass
+class FitResult:
+    history: list[EpochStats]
+    best_epoch: int
+    stopped_early: bool
+    trainable_parameters: int = 0
+
+    @property
+    def best(self) -> EpochStats:
+        return self.history[self.best_epoch - 1]
+
+
+def fit(
+    model: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    options: FitOptions,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    *,
+    param_groups: list[dict] | None = None,
+    checkpoints: Checkpoints | None = None,
+    progress: str | None = None,
+) -> FitResult:
+    """Train the model's trainable parameters with Adam and cross-entropy.
+
+    ``param_groups`` (Adam's groups, each may set its own ``lr``) replaces the default single
+    group of every parameter that requires grad. With ``patience`` set, stops when val loss has
+    not improved for that many epochs and restores the best weights. ``checkpoints`` resumes
+    from the latest valid checkpoint and saves new ones as it goes. ``progress`` labels the
+    progress display (None: quiet). Under torchrun (a process group is up) every rank trains its
+    share of each batch under DistributedDataParallel; all ranks end with the same weights.
+    The model is left on the CPU.
+    """
+    world = current_world()
+    device = resolve_device(options.device)
+    if device.type == "cpu" and options.cpu_threads:
+        # Small nets run fastest on one thread: more only adds synchronisation.
+        torch.set_num_threads(options.cpu_threads)
+    autocast_dtype = resolve_precision(options.precision, device)
+    model.to(device)
+    x_train, y_train = (t.to(device) for t in train)
+    x_val, y_val = (t.to(device) for t in val)
+    if len(x_val) == 0:
+        raise TrainingError("the val split has no rows: nothing to judge the training by")
+    groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    trained = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.Adam(groups, lr=options.lr, weight_decay=options.weight_decay)
+    steps_per_epoch = math.ceil(len(x_train) / (options.batch_size * options.grad_accum))
+    warmup_steps = round(options.warmup_epochs * steps_per_epoch)
+    scheduler = None  # a constant lr needs none (and saves its per-step cost)
+    if options.schedule != "constant" or warmup_steps > 0:
+        factor = lr_factor(options.schedule, warmup_steps, options.epochs * steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    generator = torch.Generator().manual_seed(options.seed)
+    loop = _LoopState()
+    resumed = checkpoints.latest() if checkpoints is not None else None
+    if checkpoints is not None and world.size > 1:
+        resumed = world.broadcast(resumed)  # rank 0's: other nodes may not share its disk
+    if resumed is not None:
+        _restore(resumed, model, optimizer, scheduler, generator, loop, world, device)
+    step_model = _for_training(model, options, world, device)
+    with EpochProgress(progress if world.is_main else None, options.epochs, loop.epoch) as shown:
+        for epoch in range(loop.epoch + 1, options.epochs + 1):
+            model.train()
+            train_sum = _train_epoch(
+                step_model, optimizer, scheduler, (x_train, y_train), generator, options, world,
+                autocast_dtype, trained,
+            )  # fmt: skip
+            val_loss, val_accuracy = evaluate_loss(model, x_val, y_val, autocast_dtype)
+            total, val_loss, val_accuracy = agree(world, train_sum, val_loss, val_accuracy)
+            stats = EpochStats(epoch, total / len(x_train), val_loss, val_accuracy)
+            if not loop.history and not math.isfinite(val_loss):
+                raise TrainingError(
+                    f"val loss is {val_loss} after epoch 1 (train loss {stats.train_loss:.4g}): "
+                    f"the training diverged or the data holds non-finite values; "
+                    f"try a lower lr (now {options.lr:g})"
+                )
+            loop.history.append(stats)
+            if on_epoch is not None:
+                on_epoch(stats)
+            shown.update(stats)
+            stop = loop.record(stats, model, options.patience)
+            if checkpoints is not None and not stop and checkpoints.due(epoch):
+                snapshot = _snapshot(model, optimizer, scheduler, generator, loop, world, device)
+                checkpoints.save(snapshot)
+            if stop:
+                break
+    if loop.best_state is not None:
+        model.load_state_dict(loop.best_state)
+    model.to("cpu")
+    kept = loop.history[loop.best_epoch - 1]
+    if not math.isfinite(kept.val_loss):
+        raise TrainingError(
+            f"val loss is {kept.val_loss} at epoch {kept.epoch}, the epoch kept: the training "
+            f"diverged; try a lower lr (now {options.lr:g}) or grad_clip"
+        )
+    stopped_early = len(loop.history) < options.epochs
+    return FitResult(loop.history, loop.best_epoch, stopped_early, sum(p.numel() for p in trained))
+
+
+def lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The multiplier of the base lr at each optimizer step (0-based): a linear warmup over
+    ``warmup_steps``, then 1 (``constant``) or a cosine from 1 down to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+
+    return factor
+
+
+@dataclass
+class _LoopState:
+    """What the loop carries from epoch to epoch (and a checkpoint carries across a kill)."""
+
+    epoch: int = 0
+    history: list[EpochStats] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    best_state: dict | None = None
+
+    def record(self, stats: EpochStats, model: nn.Module, patience: int | None) -> bool:
+        """Early stopping's bookkeeping for a finished epoch; True when it says stop."""
+        self.epoch = stats.epoch
+        if patience is None:
+            self.best_epoch = stats.epoch
+            return False
+        if stats.val_loss < self.best_loss:
+            self.best_loss, self.best_epoch = stats.val_loss, stats.epoch
+            self.best_state = copy.deepcopy(model.state_dict())
+            return False
+        return stats.epoch - self.best_epoch >= patience
+
+
+def _for_training(
+    model: nn.Module, options: FitOptions, world: World, device: torch.device
+) -> nn.Module:
+    """The module the training steps call: compiled and/or DDP-wrapped as asked (nanoGPT's
+    order); it shares its parameters with ``model``."""
+    step_model = torch.compile(model) if options.compile else model
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        step_model = DistributedDataParallel(step_model, device_ids=device_ids)
+    return step_model
+
+
+def _train_epoch(
+    step_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    data: tuple[torch.Tensor, torch.Tensor],
+    generator: torch.Generator,
+    options: FitOptions,
+    world: World,
+    autocast_dtype: torch.dtype | None,
+    trained: list[nn.Parameter],
+) -> torch.Tensor:
+    """One pass over the shuffled rows; returns this rank's sum of per-row train losses.
+
+    Every rank draws the same permutation. An optimizer step takes ``batch_size x grad_accum``
+    rows as ``grad_accum`` batches; under DDP each rank takes every ``size``-th row of each batch.
+    Each piece's loss is scaled so that the step's gradient is the mean over all of its rows, as
+    one big batch on one process would give.
+    """
+    x, y = data
+    device = x.device
+    order = torch.randperm(len(x), generator=generator).to(device)
+    total = torch.zeros((), device=device)
+    step_rows = options.batch_size * options.grad_accum
+    plain = world.size == 1 and options.grad_accum == 1
+    for start in range(0, len(x), step_rows):
+        step = order[start : start + step_rows]
+        optimizer.zero_grad(set_to_none=True)
+        batches = step.split(options.batch_size)
+        for i, idx in enumerate(batches):
+            if world.size > 1:
+                idx = idx[world.rank :: world.size]
+            # Under DDP, gradients are averaged across ranks once per step, on the last batch.
+            syncing = world.size == 1 or i == len(batches) - 1
+            with contextlib.nullcontext() if syncing else step_model.no_sync():
+                with _autocast(device, autocast_dtype):
+                    logits = step_model(x[idx])
+                    if plain:  # the common case, kept exactly as the bare loop computes it
+                        loss = nn.functional.cross_entropy(logits, y[idx])
+                        total += loss.detach() * len(idx)
+                    else:
+                        loss_sum = nn.functional.cross_entropy(
+                            logits.float(), y[idx], reduction="sum"
+                        )
+                        total += loss_sum.detach()
+                        loss = loss_sum * (world.size / len(step))  # DDP divides by size
+                loss.backward()
+        if options.grad_clip is not None:
+            nn.utils.clip_grad_norm_(trained, options.grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    return total
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _snapshot(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    generator: torch.Generator,
+    loop: _LoopState,
+    world: World,
+    device: torch.device,
+) -> dict:
+    """Everything an uninterrupted run would carry on with after ``loop.epoch``. Every rank
+    must call it (the RNG states are gathered); rank 0 saves it."""
+    return {
+        "epoch": loop.epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "shuffle_rng": generator.get_state(),
+        "rng": world.gather(_rng_state(device)),  # dropout and LoRA dropout draw from these
+        "history": [asdict(stats) for stats in loop.history],
+        "best_loss": loop.best_loss,
+        "best_epoch": loop.best_epoch,
+        "best_state": loop.best_state,
+    }
+
+
+def _restore(
+    state: dict,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    generator: torch.Generator,
+    loop: _LoopState,
+    world: World,
+    device: torch.device,
+) -> None:
+    """Put the loop back where ``state`` (a checkpoint) left it."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["shuffle_rng"])
+    rng = state["rng"][world.rank]
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    loop.epoch = state["epoch"]
+    loop.history = [EpochStats(**stats) for stats in state["history"]]
+    loop.best_loss = state["best_loss"]
+    loop.best_epoch = state["best_epoch"]
+    loop.best_state = state["best_state"]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16 autocast when a dtype is chosen (CUDA); a no-op context in fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None = None
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y), in eval mode."""
+    model.eval()
+    if len(x) == 0:
+        return math.nan, math.nan
+    with _autocast(x.device, autocast_dtype):
+        logits = model(x)
+    loss = nn.functional.cross_entropy(logits.float(), y)
+    accuracy = (logits.argmax(dim=1) == y).float().mean()
+    return float(loss), float(accuracy)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Class probabilities for ``x``: the softmax of ``model``'s logits, on the CPU.
+
+    One row per input, one column per class index. The softmax runs in float64 so that each
+    row sums to 1 as closely as scikit-learn's probability metrics expect.
+    """
+    model.eval()
+    return torch.softmax(model(x).double(), dim=1)
+
+
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Class indices predicted by ``model`` for ``x``: the most probable class of each row."""
+    return predict_proba(model, x).argmax(dim=1)
+
+
+def history_rows(result: FitResult) -> list[dict]:
+    """One dict per epoch (epoch, train_loss, val_loss, val_accuracy), rounded for stable files."""
+    return [{k: _round(v) for k, v in asdict(stats).items()} for stats in result.history]
+
+
+def fit_summary(result: FitResult) -> dict:
+    """The metrics a training stage reports: the kept epoch's losses and accuracy."""
+    best = result.best
+    return {
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "train_loss": _round(best.train_loss),
+        "val_loss": _round(best.val_loss),
+        "val_accuracy": _round(best.val_accuracy),
+    }
+
+
+def _round(value: float) -> float:
+    return value if isinstance(value, int) else round(float(value), 6)

@@ -1,0 +1,178 @@
+"""reports/evaluation.md: the evaluation in words, tables and pictures, for reading on GitHub."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from stages.core.common.params import Params
+from stages.core.evaluation.gates import Gate
+
+WORST_CLASSES_SHOWN = 3
+
+
+def _number(value: float | None, sign: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.3f}" if sign else f"{value:.3f}"
+
+
+def _with_interval(block: Mapping, name: str) -> str:
+    if name not in block:
+        return "n/a"
+    low, high = block.get(f"{name}_ci95_low"), block.get(f"{name}_ci95_high")
+    interval = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+    return f"{block[name]:.3f}{interval}"
+
+
+def _models_table(metrics: Mapping, shots: int) -> list[str]:
+    rows = [
+        ("base", "base model", "base-domain test"),
+        ("zero_shot", "base model, no adaptation", "target-domain test"),
+        ("finetuned", f"fine-tuned on {shots} shots/class", "target-domain test"),
+        ("scratch", f"same net from scratch on the {shots} shots", "target-domain test"),
+        ("sklearn", "logistic regression on the same shots", "target-domain test"),
+    ]
+    lines = [
+        "| model | trained as | scored on | accuracy [95% CI] | recall, macro [95% CI] "
+        "| F1, macro [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, what, where in rows:
+        block = metrics.get(key, {})
+        cells = [_with_interval(block, name) for name in ("accuracy", "recall_macro", "f1_macro")]
+        lines.append(f"| {key} | {what} | {where} | {' | '.join(cells)} |")
+    return lines
+
+
+def _uncertainty_sentence(metrics: Mapping, params: Params) -> str:
+    tuned = metrics["finetuned"]
+    half = (tuned["accuracy_ci95_high"] - tuned["accuracy_ci95_low"]) / 2
+    return (
+        f"Intervals are percentile bootstraps over the test rows "
+        f"({params.evaluate.bootstrap_resamples} resamples, seed "
+        f"{params.evaluate.bootstrap_seed}). With {tuned['support']} test rows, one accuracy "
+        f"figure is uncertain by about ±{half:.3f} at 95% (half the width of the fine-tuned "
+        f"model's interval, {tuned['accuracy_ci95_low']:.3f} to "
+        f"{tuned['accuracy_ci95_high']:.3f}; about ±{half / 1.96:.3f} is one standard error), "
+        f"so differences of that size between two models on this test set can be noise."
+    )
+
+
+def _transfer_lines(metrics: Mapping, params: Params) -> list[str]:
+    transfer = metrics["transfer"]
+    first = params.finetune.seed
+    last = first + transfer["draws"] - 1
+    seeds = f"seed {first}" if last == first else f"seeds {first}-{last}"
+    if transfer["gain_ci95_low"] is None:
+        interval = "no interval with a single draw"
+    else:
+        interval = (
+            f"95% t-interval {_number(transfer['gain_ci95_low'], True)} to "
+            f"{_number(transfer['gain_ci95_high'], True)}"
+        )
+    verb = "beats" if transfer["gain_mean"] >= 0 else "trails"
+    return [
+        f"Fine-tuning {verb} the same network trained from scratch on the same shots by "
+        f"**{_number(transfer['gain_mean'], True)}** accuracy, averaged over "
+        f"{transfer['draws']} draws of the shots ({seeds}; {interval}; "
+        f"worst draw {_number(transfer['gain_min'], True)}).",
+        "",
+        "| shots | fine-tuned | scratch | gain |",
+        "|---|---|---|---|",
+        f"| shipped draw (seed {first}) | {_number(metrics['finetuned']['accuracy'])} "
+        f"| {_number(metrics['scratch']['accuracy'])} "
+        f"| {_number(metrics['transfer_gain'], True)} |",
+        f"| mean over {transfer['draws']} draws | {_number(transfer['finetuned_mean'])} "
+        f"| {_number(transfer['scratch_mean'])} | {_number(transfer['gain_mean'], True)} |",
+    ]
+
+
+def _confidence_lines(metrics: Mapping) -> list[str]:
+    lines = [
+        "| model | ROC AUC (one-vs-rest) | log loss | ECE (15 bins) |",
+        "|---|---|---|---|",
+    ]
+    for key in ("base", "finetuned"):
+        block = metrics[key]
+        lines.append(
+            f"| {key} | {_number(block['roc_auc_ovr'])} | {_number(block['log_loss'])} "
+            f"| {_number(block['ece'])} |"
+        )
+    return lines
+
+
+def _worst_class_lines(metrics: Mapping) -> list[str]:
+    lines = [
+        "| model | class | recall | precision | F1 | test rows |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key in ("finetuned", "base"):
+        present = [(c, row) for c, row in metrics[key]["per_class"].items() if row["support"]]
+        worst = sorted(present, key=lambda item: item[1]["recall"])[:WORST_CLASSES_SHOWN]
+        for label, row in worst:
+            lines.append(
+                f"| {key} | {label} | {row['recall']:.3f} | {row['precision']:.3f} "
+                f"| {row['f1']:.3f} | {row['support']} |"
+            )
+    return lines
+
+
+def _gate_lines(gates: Sequence[Gate]) -> list[str]:
+    lines = ["| gate | reads | value | threshold | status |", "|---|---|---|---|---|"]
+    for gate in gates:
+        reads = f"`{gate.metric}`" + (f" ({gate.detail})" if gate.detail else "")
+        threshold = "off" if gate.threshold is None else f"{gate.threshold}"
+        status = "off" if gate.threshold is None else ("passed" if gate.passed else "**failed**")
+        lines.append(
+            f"| `evaluate.{gate.key}` | {reads} | {gate.value:.4f} | {threshold} | {status} |"
+        )
+    failed = [gate.failure() for gate in gates if not gate.passed]
+    lines.append("")
+    lines += ["Gates: all passed."] if not failed else ["Gates failed:"]
+    lines += [f"- {line}" for line in failed]
+    return lines
+
+
+def render_report(
+    metrics: Mapping,
+    gates: Sequence[Gate],
+    params: Params,
+    figures: Mapping[str, str],
+) -> str:
+    """The Markdown report; ``figures`` maps captions to paths relative to the report."""
+    shots = params.finetune.shots_per_class
+    lines = [
+        "# Evaluation",
+        "",
+        f"A base model trained on the base domain, fine-tuned on {shots} labelled examples per "
+        f"class of the target domain, against the same network and a logistic regression "
+        f"trained on those examples only. All figures are on held-out test rows "
+        f"(`metrics/evaluate.json` holds them all).",
+        "",
+        "## Models",
+        "",
+        *_models_table(metrics, shots),
+        "",
+        _uncertainty_sentence(metrics, params),
+        "",
+        "## Transfer",
+        "",
+        *_transfer_lines(metrics, params),
+        "",
+        "## Worst classes",
+        "",
+        *_worst_class_lines(metrics),
+        "",
+        "## Confidence",
+        "",
+        *_confidence_lines(metrics),
+        "",
+        "## Gates",
+        "",
+        *_gate_lines(gates),
+        "",
+        "## Pictures",
+    ]
+    for caption, path in figures.items():
+        lines += ["", f"**{caption}**", "", f"![{caption}]({path})"]
+    return "\n".join(lines) + "\n"

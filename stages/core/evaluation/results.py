@@ -1,0 +1,73 @@
+"""The evaluate stage's metrics block and the data of its DVC plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from stages.core.common import layout
+from stages.core.common.params import EvaluateParams
+from stages.core.evaluation.baselines import Draw, draw_accuracies, summarize_draws
+from stages.core.evaluation.metrics import (
+    bootstrap_intervals,
+    detailed_scores,
+    micro_curves,
+    scores,
+)
+from stages.core.evaluation.scoring import Scored
+
+
+def evaluation_metrics(
+    base: Scored,
+    finetuned: Scored,
+    draws: list[Draw],
+    sklearn: pd.DataFrame,
+    zero_shot: pd.DataFrame | None,
+    params: EvaluateParams,
+) -> dict:
+    """The content of metrics/evaluate.json: one block per model, the transfer gain on the
+    shipped draw and its summary over all draws.
+
+    Every block holds :func:`scores` and bootstrap intervals of accuracy, recall_macro and
+    f1_macro (seeded, the same resamples for models scored on the same rows); ``base`` and
+    ``finetuned`` add the per-class and probability figures of :func:`detailed_scores`.
+    """
+
+    def block(pairs: pd.DataFrame) -> dict:
+        return scores(pairs) | bootstrap_intervals(
+            pairs, params.bootstrap_resamples, params.bootstrap_seed
+        )
+
+    def detailed(scored: Scored) -> dict:
+        return block(scored.pairs) | detailed_scores(scored.pairs, scored.proba, scored.classes)
+
+    finetuned_accuracy, scratch_accuracy = draw_accuracies(draws)
+    metrics = {
+        "base": detailed(base),
+        "finetuned": detailed(finetuned),
+        "scratch": block(draws[0].scratch),
+        "sklearn": block(sklearn),
+        "transfer_gain": round(finetuned_accuracy[0] - scratch_accuracy[0], 6),
+        "transfer": summarize_draws(finetuned_accuracy, scratch_accuracy),
+    }
+    if zero_shot is not None:
+        metrics["zero_shot"] = block(zero_shot)
+    return metrics
+
+
+def plot_files(finetuned: Scored, per_class: dict[str, dict]) -> dict[Path, pd.DataFrame]:
+    """The data of the DVC plots, by path: the fine-tuned model's test predictions (confusion),
+    its micro-averaged ROC and precision-recall curves, and each model's per-class scores."""
+    roc, precision_recall = micro_curves(
+        finetuned.pairs["actual"].to_numpy(), finetuned.proba, finetuned.classes
+    )
+    files = {
+        layout.CONFUSION_PLOT: finetuned.pairs,
+        layout.ROC_PLOT: roc,
+        layout.PRECISION_RECALL_PLOT: precision_recall,
+    }
+    for model, rows in per_class.items():
+        frame = pd.DataFrame.from_dict(rows, orient="index").rename_axis("class").reset_index()
+        files[layout.PER_CLASS_PLOTS / f"{model}.csv"] = frame
+    return files

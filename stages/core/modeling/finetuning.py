@@ -1,0 +1,131 @@
+"""Fine-tuning: few-shot sampling and adapting a base model to the target domain."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from stages.core.common.errors import DataError
+from stages.core.common.numbers import plain
+from stages.core.common.params import LoraParams, Params
+from stages.core.common.schema import LABEL
+from stages.core.engine.checkpoints import Checkpoints
+from stages.core.engine.training import EpochStats, FitOptions, FitResult, fit
+from stages.core.modeling.lora import add_lora, merge_lora, resolve_targets
+from stages.core.modeling.model import Classifier, ModelConfig, encode
+
+
+def sample_shots(frame: pd.DataFrame, shots_per_class: int, seed: int) -> pd.DataFrame:
+    """``shots_per_class`` labelled rows of every class, drawn without replacement, seeded."""
+    counts = frame[LABEL].value_counts()
+    short = counts[counts < shots_per_class]
+    if not short.empty:
+        raise DataError(
+            f"finetune.shots_per_class: class {plain(short.index[0])!r} has only "
+            f"{short.iloc[0]} rows in the target train split (< {shots_per_class})"
+        )
+    shots = frame.groupby(LABEL, group_keys=False, sort=True).sample(
+        n=shots_per_class, random_state=seed
+    )
+    return shots.reset_index(drop=True)
+
+
+def adapt(
+    base: Classifier,
+    n_classes: int,
+    strategy: str,
+    seed: int,
+    lora: LoraParams | None = None,
+    arch: str = "mlp",
+) -> nn.Module:
+    """A copy of ``base`` with a fresh, seeded head over ``n_classes``, ready to train.
+
+    ``head`` freezes the body so that only the new head learns; ``full`` trains every layer;
+    ``lora`` freezes the body's weights and adds peft LoRA adapters to its ``lora`` target
+    layers (the ``arch``'s default when none are named); the head trains fully. A LoRA model
+    is a peft model until ``merge_lora`` merges it.
+    """
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    model.head = nn.Linear(model.head.in_features, n_classes)
+    model.body.requires_grad_(strategy == "full")
+    if strategy != "lora":
+        return model
+    lora = lora or LoraParams()
+    targets = resolve_targets(model.body, arch, lora.target_modules)
+    return add_lora(model, targets, lora.rank, lora.alpha, lora.dropout)
+
+
+def optimizer_groups(model: nn.Module, body_lr: float | None) -> list[dict] | None:
+    """Adam groups with ``body_lr`` for the pretrained body (strategy full); None = one group."""
+    if body_lr is None:
+        return None
+    body = [p for p in model.body.parameters() if p.requires_grad]
+    rest = [
+        p
+        for name, p in model.named_parameters()
+        if p.requires_grad and not name.startswith("body.")
+    ]
+    return [{"params": body, "lr": body_lr}, {"params": rest}]
+
+
+def few_shot_options(params: Params, seed: int | None = None) -> FitOptions:
+    """Training options for the few-shot runs (fine-tune and the scratch baseline): fixed
+    epochs, no early stopping, since selecting on the val split would use more labels."""
+    tune = params.finetune
+    return FitOptions(
+        epochs=tune.epochs,
+        batch_size=tune.batch_size,
+        lr=tune.lr,
+        weight_decay=tune.weight_decay,
+        seed=tune.seed if seed is None else seed,
+        patience=None,
+        device=params.train.device,
+        precision=params.train.precision,
+        cpu_threads=params.train.cpu_threads,
+        schedule=tune.schedule,
+        warmup_epochs=tune.warmup_epochs,
+        grad_clip=tune.grad_clip,
+        grad_accum=tune.grad_accum,
+        compile=params.train.compile,
+    )
+
+
+def fine_tune(
+    base: Classifier,
+    base_config: ModelConfig,
+    shots: pd.DataFrame,
+    val: pd.DataFrame,
+    params: Params,
+    seed: int,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    *,
+    checkpoints: Checkpoints | None = None,
+    progress: str | None = None,
+) -> tuple[Classifier, ModelConfig, FitResult]:
+    """The fine-tune recipe: a new head over the shots' classes, ``finetune.strategy``,
+    trained on ``shots`` with the few-shot options and ``seed``. The model comes back as a
+    plain Classifier (LoRA merged); ``result.trainable_parameters`` counts what trained."""
+    classes = sorted(shots[LABEL].unique().tolist())
+    config = base_config.replace(
+        classes=classes, trained_on={"domain": params.data.target_domain, "rows": len(shots)}
+    )
+    tune = params.finetune
+    model = adapt(base, len(classes), tune.strategy, seed, tune.lora, base_config.arch)
+    options = few_shot_options(params, seed)
+    groups = optimizer_groups(model, tune.body_lr)
+    result = fit(
+        model,
+        encode(shots, config),
+        encode(val, config),
+        options,
+        on_epoch,
+        param_groups=groups,
+        checkpoints=checkpoints,
+        progress=progress,
+    )
+    return merge_lora(model), config, result

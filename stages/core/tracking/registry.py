@@ -1,0 +1,107 @@
+"""Models in MLflow: the trained models logged as pyfunc models on their stage's run, and the
+registry, where each evaluated fine-tuned model becomes a new version with the alias
+``candidate``, and ``champion`` moves to it only when every gate passed and it beats the
+champion.
+
+``log_model``, ``register`` and ``promote`` run where MLflow runs (the tracking worker): a stage
+sends them with ``run.send(log_model, ...)``. evaluate registers the version first, so that
+MLflow's own evaluation of it runs while the stage computes its metrics, and promotes it last."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CANDIDATE = "candidate"
+
+
+CHAMPION = "champion"
+
+
+ACCURACY_TAG = "finetuned.accuracy"
+
+
+GATES_TAG = "gates"
+
+
+def create_version(client, name: str, model_uri: str, tags: dict[str, Any]) -> int:
+    """A new version of registered model ``name`` (created if missing) from ``model_uri``."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    # Through this client (the stage's store), not mlflow.register_model, which writes to the
+    # process's default store and prints to stderr.
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:  # registered by an earlier (or a parallel) execution
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    created = client.create_model_version(name, model_uri, tags=tags, model_id=model_id)
+    return int(created.version)
+
+
+def move_aliases(client, name: str, version: int, accuracy: float, failures: list[str]) -> str:
+    """Record the gates on ``version``, make it the candidate, and the champion when every gate
+    passed and its accuracy beats the champion's (or there is none); one line says what
+    happened. ``failures`` are the failed gates (empty: all passed)."""
+    from mlflow.exceptions import MlflowException
+
+    client.set_model_version_tag(name, str(version), ACCURACY_TAG, f"{accuracy:.6f}")
+    gates = "passed" if not failures else "failed: " + "; ".join(failures)
+    client.set_model_version_tag(name, str(version), GATES_TAG, gates)
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no champion yet
+        champion = None
+    line = f"registered {name} version {version} as {CANDIDATE}"
+    if failures:
+        return f"{line}; gates failed, {CHAMPION} stays"
+    if champion is not None:
+        best = float(champion.tags.get(ACCURACY_TAG, "-inf"))
+        if accuracy <= best:
+            stays = f"{CHAMPION} stays at version {champion.version}"
+            return f"{line}; {stays} ({ACCURACY_TAG} {best:.4f} >= {accuracy:.4f})"
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return f"{line} and {CHAMPION} ({ACCURACY_TAG} {accuracy:.4f})"
+
+
+def log_model(recorder, model_dir: str, example_path: str) -> str:
+    """Log a saved model directory as a pyfunc model on the stage's run (a few rows of the
+    parquet split ``example_path`` as its input example); returns the model's URI."""
+    import pandas as pd
+
+    recorder.activate()
+    features = json.loads((Path(model_dir) / "config.json").read_text())["feature_names"]
+    example = pd.read_parquet(example_path, columns=features).head(5)
+    from stages.core.tracking.serving import log_pyfunc
+
+    info = log_pyfunc(model_dir, example)
+    recorder.client.set_tag(recorder.run_id, "model_uri", info.model_uri)
+    return info.model_uri
+
+
+def register(recorder, model_dir: str, example_path: str, name: str) -> None:
+    """Register the fine-tuned model of this execution as a new version of ``name`` (gates
+    pending): the model logged by the run that produced ``model_dir``, or logged here if that
+    run is unknown to the store. ``promote`` finishes it."""
+    producer = recorder.producer("finetune")  # this execution's finetune, or an earlier one
+    model_uri = None
+    if producer:
+        model_uri = recorder.client.get_run(producer).data.tags.get("model_uri")
+    if model_uri is None:
+        model_uri = log_model(recorder, model_dir, example_path)
+    context = {k: v for k, v in recorder.context_tags().items() if not k.startswith("mlflow.")}
+    version_tags = {"parent_run_id": recorder.parent_id or "", "evaluate_run_id": recorder.run_id}
+    version_tags |= context | {GATES_TAG: "pending"}
+    version = create_version(recorder.client, name, model_uri, version_tags)
+    recorder.registered = (name, version)
+
+
+def promote(recorder, accuracy: float, failures: list[str]) -> None:
+    """Gates, candidate and champion for the version ``register`` made; the line that says
+    what happened becomes one of the stage's notes."""
+    name, version = recorder.registered
+    recorder.notes.append(move_aliases(recorder.client, name, version, accuracy, failures))

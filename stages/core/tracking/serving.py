@@ -1,0 +1,122 @@
+"""The pipeline's models as MLflow pyfunc models: loadable with ``mlflow.pyfunc.load_model``,
+servable with ``mlflow models serve``.
+
+Logged as a model from code (this file), with the model directory (``model.safetensors`` +
+``config.json``) as its artifact and the ``stages`` package as its code: loading unpickles
+nothing. ``predict`` takes a DataFrame of the raw feature columns, any number of rows, and returns
+the class labels (the model applies its own scaling); with ``params={"probabilities": True}`` it
+returns one column of probabilities per class instead."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+from mlflow.models import set_model
+
+ARTIFACT = "model"  # the key of the model directory among the pyfunc's artifacts
+
+
+# What loading the model imports, pinned to this environment's versions.
+REQUIREMENTS = ("mlflow", "torch", "safetensors", "numpy", "pandas", "pydantic", "pyyaml")
+
+
+class PipelineModel(mlflow.pyfunc.PythonModel):
+    """A saved pipeline model (`models/base`, `models/finetuned`) behind the pyfunc API."""
+
+    def load_context(self, context) -> None:
+        from stages.core.modeling.model import load_model
+
+        self.model, self.config = load_model(context.artifacts[ARTIFACT])
+
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame | pd.Series:
+        import numpy as np
+        import torch
+
+        missing = [c for c in self.config.feature_names if c not in model_input.columns]
+        if missing:
+            raise ValueError(f"missing feature columns {missing[:5]} ({len(missing)} in all)")
+        x = torch.tensor(model_input[self.config.feature_names].to_numpy(np.float32))
+        self.model.eval()
+        with torch.no_grad():
+            probabilities = torch.softmax(self.model(x), dim=1).numpy()
+        if (params or {}).get("probabilities"):
+            columns = [str(label) for label in self.config.classes]
+            return pd.DataFrame(probabilities, columns=columns, index=model_input.index)
+        classes = np.asarray(self.config.classes)
+        return pd.Series(classes[probabilities.argmax(axis=1)], name="label")
+
+
+def requirements() -> list[str]:
+    """Explicit pip requirements (inferring them costs 5-10 s a model)."""
+    pins = []
+    for name in REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def signature(config: dict[str, Any]):
+    """Inputs: the raw feature columns as doubles; output: the label; param: probabilities."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    label_type = "string" if any(isinstance(c, str) for c in config["classes"]) else "long"
+    return ModelSignature(
+        inputs=Schema([ColSpec("double", name) for name in config["feature_names"]]),
+        outputs=Schema([ColSpec(label_type, "label")]),
+        params=ParamSchema([ParamSpec("probabilities", "boolean", False)]),
+    )
+
+
+def log_pyfunc(model_dir: Path | str, input_example, name: str = "model"):
+    """Log ``model_dir`` as a pyfunc model to the active run; returns MLflow's ModelInfo.
+
+    What ``mlflow.pyfunc.log_model`` does, less one step: loading the model back to predict the
+    input example. That check would import torch in the tracking worker, about 1.5 s on every
+    train and finetune; tests/test_registry.py and the MLflow end-to-end tests load and predict
+    with these models instead.
+    """
+    import json
+    from types import SimpleNamespace
+
+    from mlflow.models import Model
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    # Model.log saves through its flavor's save_model and skips the serving check when told.
+    pyfunc = SimpleNamespace(__name__=mlflow.pyfunc.__name__, save_model=_save_pyfunc)
+    return Model.log(
+        artifact_path=None,
+        name=name,
+        flavor=pyfunc,
+        python_model=Path(__file__),
+        artifacts={ARTIFACT: str(model_dir)},
+        code_paths=[str(Path(__file__).resolve().parents[2])],
+        signature=signature(config),
+        input_example=input_example,
+        pip_requirements=requirements(),
+        validate_serving_input=False,
+    )
+
+
+def _save_pyfunc(validate_serving_input: bool = True, **kwargs):
+    return mlflow.pyfunc.save_model(**kwargs)
+
+
+def prepare() -> None:
+    """What logging a model would compute first, done ahead (the tracking worker calls it while
+    the stage trains): MLflow's map of installed packages, which it reads to check the pip
+    requirements against the environment (about 0.7 s)."""
+    from mlflow.utils import requirements_utils
+
+    requirements_utils._init_modules_to_packages_map()
+
+
+set_model(PipelineModel())

@@ -1,0 +1,103 @@
+"""Where MLflow stores runs: the store's URI, the experiment, and one line for a store that
+fails."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from stages.core.common.telemetry import silence
+
+silence()
+
+# A tracking server that is down or silent stops a stage in about 12 s, not MLflow's default of
+# several minutes of retries: one retry, a 6 s timeout per attempt (users may override both).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "6"}
+# No progress bars from artifact copies in the stage's log.
+QUIET_DEFAULTS = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+for _key, _value in (HTTP_DEFAULTS | QUIET_DEFAULTS).items():
+    os.environ.setdefault(_key, _value)
+
+
+def repo_root() -> Path:
+    """The project root: ``DVC_ROOT`` (set by DVC for every stage), else the nearest parent
+    holding ``.dvc``, else the working directory.
+
+    Queued experiments run in copies under ``.dvc/tmp/exps/`` with ``DVC_ROOT`` still naming
+    the real root, so their runs land in the project's own store.
+    """
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    cwd = Path.cwd().resolve()
+    return next((p for p in (cwd, *cwd.parents) if (p / ".dvc").is_dir()), cwd)
+
+
+def local_store_uri() -> str:
+    """The default store: a SQLite file at the repo root (absolute, so that experiments DVC
+    runs in temporary copies log to the same store)."""
+    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the local store at the repo root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri()
+
+
+def ensure_experiment(name: str) -> str:
+    """The experiment's id, creating it (and the store's schema) when missing."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    client = MlflowClient(uri)
+    if uri != local_store_uri():
+        return _get_or_create_experiment(client, name, None)
+    from filelock import FileLock
+
+    # Queued experiments (`dvc queue start -j 2`) may start on a fresh store at once: one
+    # process creates the schema and the experiment while the others wait.
+    with FileLock(repo_root() / ".mlflow.db.lock"):
+        # Artifacts of the local store sit beside it, not under whichever directory DVC ran in.
+        return _get_or_create_experiment(client, name, (repo_root() / "mlartifacts").as_uri())
+
+
+def _get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as exc:
+        # On a shared server, stages of parallel executions (`dvc queue start -j 2`, or two
+        # machines) may create it at once: one wins, the others use it.
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+# What a refused, silent or unknown host looks like deep inside MLflow's and urllib3's messages.
+NETWORK_FAILURES = {
+    "Connection refused": "connection refused (is the server running?)",
+    "timed out": "no answer (timed out)",
+    "Name or service not known": "unknown host",
+    "Temporary failure in name resolution": "unknown host",
+    "No route to host": "no route to host",
+    "Connection aborted": "the server closed the connection (did it stop?)",
+    "Connection reset": "the server closed the connection (did it stop?)",
+    "Max retries exceeded": "no connection (is the server running?)",
+}
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a tracking failure: the store, what went wrong, how to go on without it."""
+    text = str(exc)
+    reason = next((short for key, short in NETWORK_FAILURES.items() if key in text), None)
+    if reason is None:
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        reason = f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+    return (
+        f"tracking: {tracking_uri()}: {reason} (to run without it: unset "
+        "MLFLOW_TRACKING_URI to log to the local mlflow.db, or set PIPELINE_TRACKING=off)"
+    )
