@@ -8,12 +8,14 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
+# MkDocs sends no telemetry; this only silences Material's end-of-life banner on every build.
+export NO_MKDOCS_2_WARNING := 1
 
 # PyTorch's CPU wheel index, for machines where PyPI's torch is the several-GB CUDA build
 # (GitHub's runners): `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 TORCH_INDEX ?=
 
-.PHONY: setup pipeline test test-fast ui lint lint-workflows stale hooks format lock clean
+.PHONY: setup pipeline test test-fast ui docs lint lint-workflows lint-docs stale hooks format lock clean
 .PHONY: team-up team-down team-status test-team lint-compose
 
 setup: $(STAMP)
@@ -40,8 +42,18 @@ test-fast: setup
 ui: setup
 	$(BIN)/python -m scripts.mlflow_ui
 
-lint: setup lint-workflows lint-compose stale
+# The docs site (mkdocs.yml, docs/) with live reload on http://127.0.0.1:8000.
+docs: setup
+	$(BIN)/mkdocs serve
+
+lint: setup lint-workflows lint-compose lint-docs stale
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# The docs built with --strict, so a broken link or anchor, or a page missing from nav, fails
+# (into a temporary folder: nothing to clean up; no --quiet, which would hide the warnings that
+# --strict counts and let a broken build pass).
+lint-docs: setup
+	site=$$(mktemp -d) && trap 'rm -rf "$$site"' EXIT && $(BIN)/mkdocs build --strict --site-dir "$$site"
 
 # The GitHub workflows against their JSON schema, and zizmor's offline security audit: any
 # finding above low fails, but unpinned actions (.github/zizmor.yml says why).
