@@ -1,6 +1,6 @@
-"""End to end on a user's own data, as the README walks through it: drop a CSV file or a folder
-of images under data/source/, edit params.yaml only, run the real `dvc repro` in a temporary
-git repo holding a copy of the project."""
+"""End to end on a user's own data, as docs/own-data.md walks through it: drop a CSV file or a
+folder of images under data/source/, edit params.yaml only, run the real `dvc repro` in a
+temporary git repo holding a copy of the project."""
 
 from __future__ import annotations
 
