@@ -27,8 +27,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	touch $(STAMP)
 
+# After the repro: when DVC rightly skipped evaluate (a fresh clone: its outputs are committed and
+# current), its results still reach MLflow, the execution's parent and the registry.
 pipeline: setup
 	dvc repro
+	$(BIN)/python -m stages.core.tracking.complete
 
 # Everything but the team-stack tests (those need PostgreSQL: `make test-team`).
 test: setup

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import PIPELINE_STAGES, run_command, run_queued_experiments
+from conftest import PIPELINE_STAGES, REPO_ROOT, ran_stages, run_command, run_queued_experiments
 
 from stages.core.tracking.recorder import flatten
 
@@ -329,6 +330,92 @@ def test_tracking_server_registry_and_serving(
         if serve is not None:
             stop(serve)
         stop(server)
+
+
+def serve_and_ask(model_uri: str, rows: pd.DataFrame, env: dict, log: Path) -> list:
+    """`mlflow models serve` of ``model_uri`` on a free port: its predictions for ``rows``."""
+    bin_dir = Path(sys.executable).parent
+    port = free_port()
+    serve = start(
+        [
+            str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri,
+            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+        ],
+        env | {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"},
+        log,
+    )  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", serve, seconds=180)
+        body = {"dataframe_split": json.loads(rows.to_json(orient="split"))}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())["predictions"]
+    finally:
+        stop(serve)
+    return [row["label"] if isinstance(row, dict) else row for row in answer]
+
+
+def test_first_make_pipeline_on_a_fresh_clone_fills_mlflow(
+    pristine_repo: Path, pipeline_env: dict, tmp_path: Path
+) -> None:
+    """A newcomer's `make pipeline` on a fresh clone (committed outputs, no DVC cache, no store):
+    DVC reruns ingest ... finetune and rightly skips evaluate, and MLflow still holds the
+    execution's parent with the final metrics and a champion that loads and serves. Nothing in
+    the clone changes, and a second `make pipeline` records nothing more."""
+    import mlflow.pyfunc
+
+    clone = tmp_path / "clone"
+    run_command(["git", "clone", "-q", str(pristine_repo), str(clone)], tmp_path, pipeline_env)
+    assert not (clone / "mlflow.db").exists() and not (clone / "models/finetuned").exists()
+    for name in ("Makefile", "pyproject.toml", "requirements.lock"):
+        shutil.copy2(REPO_ROOT / name, clone / name)
+    venv = Path(sys.executable).parent.parent
+    # The README's first command, on this interpreter's venv (already set up: -o skips set-up).
+    make = ["make", "pipeline", f"VENV={venv}", "-o", f"{venv}/.installed"]
+    first = run_command(make, clone, pipeline_env)
+    assert ran_stages(first.stdout) == PIPELINE_STAGES[:-1], first.stdout
+    assert "Stage 'evaluate' didn't change, skipping" in first.stdout
+    copied = [":!Makefile", ":!pyproject.toml", ":!requirements.lock"]
+    status = run_command(["git", "status", "--porcelain", "--", ".", *copied], clone, pipeline_env)
+    assert status.stdout == "", f"the first run changed committed files:\n{status.stdout}"
+
+    client = client_for(clone)
+    (parent,) = parents(client)
+    metrics = json.loads((clone / "metrics/evaluate.json").read_text())
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["finetuned.accuracy"] == metrics["finetuned"]["accuracy"]
+    assert parent.data.metrics["transfer.gain_mean"] == metrics["transfer"]["gain_mean"]
+    assert "cached.evaluate" in parent.data.tags and "run.evaluate" not in parent.data.tags
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"evaluation.md", "figures", "dvc.lock", "params.yaml"} <= artifacts
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.run_id == parent.data.tags["run.finetune"]
+    assert champion.tags["gates"] == "passed"
+    assert champion.tags["parent_run_id"] == parent.info.run_id
+
+    target = pd.read_parquet(clone / "data/splits/target_test.parquet")
+    mlflow.set_tracking_uri(f"sqlite:///{clone / 'mlflow.db'}")
+    try:
+        predicted = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(
+            features_of(target)
+        )
+    finally:
+        mlflow.set_tracking_uri(None)
+    accuracy = (predicted.to_numpy() == target["label"].to_numpy()).mean()
+    assert round(accuracy, 6) == metrics["finetuned"]["accuracy"]
+    env = pipeline_env | {"MLFLOW_TRACKING_URI": f"sqlite:///{clone / 'mlflow.db'}"}
+    served = serve_and_ask(f"models:/{MODEL}@champion", features_of(target).head(7), env,
+                           tmp_path / "serve.log")  # fmt: skip
+    assert served == predicted.head(7).tolist()
+
+    again = run_command(make, clone, pipeline_env)
+    assert ran_stages(again.stdout) == [] and "pipeline:" not in again.stdout
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 1
+    assert len(parents(client)) == 1
 
 
 def test_a_stage_stops_in_one_line_when_the_server_is_down(
