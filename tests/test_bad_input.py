@@ -121,6 +121,17 @@ CORPUS: dict[str, tuple[Callable[[], None], list[str]]] = {
         ),
         ["data/source/own.csv: column 'height' (data.features) is not numeric", "on line 9"],
     ),
+    # Real files that would load: DVC does not track them, so editing one never reruns ingest.
+    "absolute source path": (
+        lambda: write_params({"source": str(Path(source("own.csv", GOOD_CSV)).resolve())} | OWN),
+        ["data.source: must be a path inside the repository", "DVC only tracks files inside"],
+    ),
+    "source path climbing out of the repo": (
+        lambda: write_params(
+            {"source": f"../{Path.cwd().name}/{source('own.csv', GOOD_CSV)}"} | OWN
+        ),
+        ["data.source: climbs out of the repository", "DVC only tracks files inside the repo"],
+    ),
     "image folder without image_shape": (
         lambda: (
             source("scans/cat/a.png", b"\x89PNG"),
@@ -226,6 +237,19 @@ def test_validate_with_a_broken_suite_file(capsys) -> None:
     Path("params.yaml").write_text(yaml.safe_dump(params))
     line = fails("validate", validate.main, capsys)
     assert line.startswith("validate.suite: data/suites/raw.json: not valid JSON (")
+
+
+def test_a_suite_path_that_leaves_data_suites_is_refused(capsys) -> None:
+    _ingest_and_validate(GOOD_CSV, capsys)
+    validate.main(["--infer-suite", "elsewhere.json"])  # a real suite, outside data/suites/
+    capsys.readouterr()
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["validate"]["suite"] = "data/suites/../../elsewhere.json"
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    line = fails("validate", validate.main, capsys)
+    assert line.startswith("params.yaml: validate.suite: must be a .json file under data/suites/")
+    assert "(it resolves to elsewhere.json)" in line
+    assert "(got 'data/suites/../../elsewhere.json')" in line
 
 
 def test_validate_before_ingest(capsys) -> None:
