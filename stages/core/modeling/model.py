@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from stages.core.common.errors import DataError, ModelError, one_line
-from stages.core.common.io import read_json, write_atomic, write_json
+from stages.core.common.io import read_json, write_dir_atomic, write_json
 from stages.core.common.params import DataParams, ModelParams
 from stages.core.common.schema import LABEL, RESERVED
 from stages.core.modeling.architectures import build_body
@@ -103,13 +103,18 @@ def fit_scaling(x: np.ndarray, mode: str) -> tuple[list[float], list[float]]:
 
 
 def save_model(directory: Path | str, model: Classifier, config: ModelConfig) -> None:
-    """Write ``model.safetensors`` and ``config.json`` into ``directory``, each atomically."""
+    """Write ``directory`` as a whole, holding ``model.safetensors`` and ``config.json`` only:
+    a crash or kill while saving leaves the old model or the new one, never new weights
+    beside an old config (stages.core.common.io.write_dir_atomic)."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
-    write_json(directory / CONFIG_FILE, asdict(config))
+
+    def write(folder: Path) -> None:
+        save_file(state, str(folder / WEIGHTS_FILE))
+        write_json(folder / CONFIG_FILE, asdict(config))
+
+    write_dir_atomic(directory, write)
 
 
 def load_model(directory: Path | str) -> tuple[Classifier, ModelConfig]:
