@@ -88,8 +88,31 @@ def fit(
     from the latest valid checkpoint and saves new ones as it goes. ``progress`` labels the
     progress display (None: quiet). Under torchrun (a process group is up) every rank trains its
     share of each batch under DistributedDataParallel; all ranks end with the same weights.
-    The model is left on the CPU.
+    The model is left on the CPU. ``options.cpu_threads`` holds for this call only: the
+    process's thread count is restored when fit returns or raises.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _fit(
+            model, train, val, options, on_epoch,
+            param_groups=param_groups, checkpoints=checkpoints, progress=progress,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(
+    model: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    options: FitOptions,
+    on_epoch: Callable[[EpochStats], None] | None,
+    *,
+    param_groups: list[dict] | None,
+    checkpoints: Checkpoints | None,
+    progress: str | None,
+) -> FitResult:
+    """fit's body, which may change the thread count (fit restores it)."""
     world = current_world()
     device = resolve_device(options.device)
     if device.type == "cpu" and options.cpu_threads:
