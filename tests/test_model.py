@@ -226,6 +226,17 @@ def test_encode_follows_the_config_order(config: ModelConfig) -> None:
     assert y.tolist() == [1, 2]
 
 
+def test_encode_rejects_missing_labels_in_one_line(config: ModelConfig) -> None:
+    frame = pd.DataFrame(
+        {"f0": [0.0] * 3, "f1": [0.0] * 3, "f2": [0.0] * 3, "f3": [0.0] * 3, "label": [1, None, 2]}
+    )
+    with pytest.raises(DataError) as caught:
+        encode(frame, config)
+    message = str(caught.value)
+    assert message.startswith("label: 1 of 3 rows have no label (first: row 1); ")
+    assert "\n" not in message
+
+
 def test_encode_rejects_unknown_labels(config: ModelConfig) -> None:
     frame = pd.DataFrame({"f0": [0.0], "f1": [0.0], "f2": [0.0], "f3": [0.0], "label": [7]})
     with pytest.raises(DataError, match=r"labels \[7\] are not among the model's classes"):

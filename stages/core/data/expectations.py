@@ -70,13 +70,21 @@ DUPLICATES = {
 }
 
 
-NOT_NULL = {"expect_column_values_to_not_be_null", "expect_multicolumn_values_to_not_be_null"}
+NOT_NULL_COLUMN = "expect_column_values_to_not_be_null"
+
+
+NOT_NULL = {NOT_NULL_COLUMN, "expect_multicolumn_values_to_not_be_null"}
 
 
 BETWEEN = {"expect_column_values_to_be_between", "expect_multicolumn_values_to_be_between"}
 
 
 IN_SET = "expect_column_values_to_be_in_set"
+
+
+# Columns no row can go on without, whatever the suite says: split and training need every
+# row's label and domain (a hand-edited suite without these checks let NaN labels through).
+REQUIRED = (LABEL, DOMAIN)
 
 
 SUITE_NAME = "raw"
@@ -151,6 +159,18 @@ def _suite(features: list[str], low: Any, high: Any, value_sets: dict[str, list]
         for column, values in value_sets.items()
     ]
     return suite
+
+
+def with_required_checks(suite: list[dict]) -> list[dict]:
+    """``suite`` plus a not-null check for each column of ``REQUIRED`` that none of its
+    not-null checks covers (one with a ``row_condition`` covers only some rows)."""
+    covered = set()
+    for item in suite:
+        kwargs = item["kwargs"]
+        if item["type"] in NOT_NULL and not kwargs.get("row_condition"):
+            covered.update(kwargs.get("column_list") or [kwargs.get("column")])
+    missing = [column for column in REQUIRED if column not in covered]
+    return [*suite, *(expectation(NOT_NULL_COLUMN, column=column) for column in missing)]
 
 
 def params_suite(features: list[str], params: ValidateParams, domains: list[str]) -> list[dict]:
@@ -425,13 +445,17 @@ def gate(
     suite: list[dict] | None = None,
 ) -> GateResult:
     """Validate the raw table with ``suite`` (default: built from params); quarantine failing
-    rows, then check the quarantined share and the clean rows per class and domain.
+    rows, then check the quarantined share and the clean rows per class and domain. Rows
+    without a label or a domain are quarantined even when ``suite`` has no check for them
+    (``with_required_checks``).
 
     A table-level failure raises DataError. The dataset-level gates are listed in
     ``report["failures"]``, so that the caller can write every output before it stops.
     """
     frame = frame.reset_index(drop=True)
-    suite = suite if suite is not None else params_suite(features, params, domains)
+    suite = with_required_checks(
+        suite if suite is not None else params_suite(features, params, domains)
+    )
     result = run_suite(frame, suite)
     missing_columns: list[str] = []
     table_failures: list[tuple[int, str]] = []

@@ -152,7 +152,16 @@ def load_model(directory: Path | str) -> tuple[Classifier, ModelConfig]:
 
 
 def encode(frame: pd.DataFrame, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feature rows and class indices of a split, in the model's feature and class order."""
+    """Feature rows and class indices of a split, in the model's feature and class order.
+
+    A missing label or one outside the model's classes is a DataError (one line)."""
+    missing = frame[LABEL].isna().to_numpy()
+    if missing.any():
+        raise DataError(
+            f"{LABEL}: {int(missing.sum())} of {len(frame)} rows have no label (first: row "
+            f"{int(np.argmax(missing))}); the validate stage quarantines such rows: rerun it "
+            "(dvc repro) rather than feeding unvalidated data"
+        )
     index = {label: i for i, label in enumerate(config.classes)}
     unknown = sorted(set(frame[LABEL]) - set(index), key=str)
     if unknown:
