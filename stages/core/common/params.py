@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from stages.core.common.errors import ParamsError
+from stages.core.common.errors import ParamsError, one_line
 
 PARAMS_FILE = "params.yaml"
 
@@ -340,7 +340,7 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ParamsError(f"{path}: not valid YAML: {one_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     return parse_params(raw, path)

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.core.common.errors import DataError
+from stages.core.common.errors import DataError, one_line
 from stages.core.common.layout import RAW, REJECTED
-from stages.core.common.numbers import plain
+from stages.core.common.numbers import number_like, plain
 from stages.core.common.params import ValidateParams
 from stages.core.common.schema import DOMAIN, LABEL
 from stages.core.common.telemetry import silence
@@ -262,8 +262,9 @@ def _to_gx(suite: list[dict], where: str = "suite") -> list:
         try:
             built.append(ExpectationConfiguration(**item).to_domain_obj())
         except Exception as exc:  # GX raises many types for unknown types and bad kwargs
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"{where}: expectation {number} ({item['type']}): {message}") from None
+            raise DataError(
+                f"{where}: expectation {number} ({item['type']}): {one_line(exc)}"
+            ) from None
     return built
 
 
@@ -308,10 +309,8 @@ def _table_failure(kind: str, kwargs: dict, outcome: dict, frame: pd.DataFrame) 
         observed, least = outcome.get("observed_value"), kwargs.get("min_value")
         return f"{observed} rows, expected at least {least}"
     if kind in NUMERIC:
-        from stages.core.data.gx_multicolumn import is_number_like
-
         for column in kwargs.get("column_list") or [kwargs["column"]]:
-            bad = ~is_number_like(frame[column])
+            bad = ~number_like(frame[column])
             if bad.any():
                 first = int(np.argmax(bad))
                 return (
@@ -409,8 +408,7 @@ def _raised(info: dict) -> str | None:
     metric errors one level down, keyed by metric."""
     for entry in [info, *(v for v in info.values() if isinstance(v, dict))]:
         if entry.get("raised_exception"):
-            lines = str(entry.get("exception_message", "")).strip().splitlines()
-            return lines[0] if lines else "error"
+            return one_line(str(entry.get("exception_message", ""))) or "error"
     return None
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from stages.core.common.errors import TrainingError
+from stages.core.common.numbers import rounded
 from stages.core.engine.checkpoints import Checkpoints
 from stages.core.engine.devices import resolve_device, resolve_precision
 from stages.core.engine.distributed import World, agree, current_world
@@ -383,7 +384,7 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def history_rows(result: FitResult) -> list[dict]:
     """One dict per epoch (epoch, train_loss, val_loss, val_accuracy), rounded for stable files."""
-    return [{k: _round(v) for k, v in asdict(stats).items()} for stats in result.history]
+    return [{k: rounded(v) for k, v in asdict(stats).items()} for stats in result.history]
 
 
 def fit_summary(result: FitResult) -> dict:
@@ -393,11 +394,7 @@ def fit_summary(result: FitResult) -> dict:
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
-        "train_loss": _round(best.train_loss),
-        "val_loss": _round(best.val_loss),
-        "val_accuracy": _round(best.val_accuracy),
+        "train_loss": rounded(best.train_loss),
+        "val_loss": rounded(best.val_loss),
+        "val_accuracy": rounded(best.val_accuracy),
     }
-
-
-def _round(value: float) -> float:
-    return value if isinstance(value, int) else round(float(value), 6)
