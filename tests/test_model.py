@@ -144,6 +144,11 @@ def test_save_replaces_a_whole_directory(tmp_path: Path, config: ModelConfig) ->
     second = make_model(config, seed=2)
     save_model(target, second, config.replace(trained_on={"rows": 99}))
     assert sorted(_files(target)) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert {oct(p.stat().st_mode & 0o777) for p in [target, *target.iterdir()]} == {
+        "0o755",
+        "0o644",
+    }
+    assert oct(target.stat().st_mode & 0o777) == "0o755"
     loaded, loaded_config = load_model(target)
     assert states_equal(state_copy(loaded), state_copy(second))
     assert loaded_config.trained_on == {"rows": 99}

@@ -76,6 +76,7 @@ def write_dir_atomic(path: Path | str, write: Callable[[Path], None]) -> Path:
         os.chmod(new, 0o755)  # mkdtemp's 0700 would differ from every other output folder
         for file in sorted(new.rglob("*")):
             if file.is_file():
+                os.chmod(file, 0o644)  # as write_atomic's files (safetensors writes 0600)
                 _fsync(file)
         _fsync(new)
         old = _swap_in(new, path)
