@@ -63,7 +63,8 @@ def write_dir_atomic(path: Path | str, write: Callable[[Path], None]) -> Path:
     one ``renameat2(RENAME_EXCHANGE)``; elsewhere the old one is renamed aside first, so a crash
     between the two renames leaves ``path`` missing and the old one complete beside it. What a
     crashed write leaves (``.<name>.*.tmp`` and ``.<name>.*.old`` beside ``path``) is removed by
-    the next write. One writer per ``path`` at a time.
+    the next write. One writer per ``path`` at a time; a process working in ``path`` (its
+    cwd) stays in the old, removed directory.
     """
     path = Path(path)
     parent = path.parent
