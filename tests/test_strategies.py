@@ -194,7 +194,7 @@ def test_fine_tune_with_lora_saves_a_model_that_loads_without_peft(bases, tmp_pa
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["transformer", str(count_parameters(tuned))]
-    loaded, _ = load_model(tmp_path)
+    loaded, _ = load_model(folder)
     probe = torch.randn(4, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(probe), tuned.eval()(probe), rtol=0, atol=0)
