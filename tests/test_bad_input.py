@@ -4,6 +4,7 @@ each giving exit code 1 and one line on stderr that names the file, column, line
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -121,6 +122,17 @@ CORPUS: dict[str, tuple[Callable[[], None], list[str]]] = {
         ),
         ["data/source/own.csv: column 'height' (data.features) is not numeric", "on line 9"],
     ),
+    # Real files that would load: DVC does not track them, so editing one never reruns ingest.
+    "absolute source path": (
+        lambda: write_params({"source": str(Path(source("own.csv", GOOD_CSV)).resolve())} | OWN),
+        ["data.source: must be a path inside the repository", "DVC only tracks files inside"],
+    ),
+    "source path climbing out of the repo": (
+        lambda: write_params(
+            {"source": f"../{Path.cwd().name}/{source('own.csv', GOOD_CSV)}"} | OWN
+        ),
+        ["data.source: climbs out of the repository", "DVC only tracks files inside the repo"],
+    ),
     "image folder without image_shape": (
         lambda: (
             source("scans/cat/a.png", b"\x89PNG"),
@@ -226,6 +238,45 @@ def test_validate_with_a_broken_suite_file(capsys) -> None:
     Path("params.yaml").write_text(yaml.safe_dump(params))
     line = fails("validate", validate.main, capsys)
     assert line.startswith("validate.suite: data/suites/raw.json: not valid JSON (")
+
+
+def test_a_suite_path_that_leaves_data_suites_is_refused(capsys) -> None:
+    _ingest_and_validate(GOOD_CSV, capsys)
+    validate.main(["--infer-suite", "elsewhere.json"])  # a real suite, outside data/suites/
+    capsys.readouterr()
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["validate"]["suite"] = "data/suites/../../elsewhere.json"
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    line = fails("validate", validate.main, capsys)
+    assert line.startswith("params.yaml: validate.suite: must be a .json file under data/suites/")
+    assert "(it resolves to elsewhere.json)" in line
+    assert "(got 'data/suites/../../elsewhere.json')" in line
+
+
+def test_a_hand_edited_suite_without_the_label_check_still_quarantines_missing_labels(
+    capsys,
+) -> None:
+    rows = GOOD_CSV.replace("6,46,0,A", "6,46,,A")
+    _ingest_and_validate(rows, capsys, min_rows_per_class=1)
+    validate.main(["--infer-suite", "data/suites/raw.json"])
+    suite = json.loads(Path("data/suites/raw.json").read_text())
+    suite["expectations"] = [
+        item
+        for item in suite["expectations"]
+        if item["kwargs"].get("column") != "label" or "null" not in item["type"]
+    ]
+    Path("data/suites/raw.json").write_text(json.dumps(suite))
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["validate"]["suite"] = "data/suites/raw.json"
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    run_stage("validate", validate.main)
+    capsys.readouterr()
+    rejected = pd.read_parquet(layout.REJECTED)
+    assert rejected["reason"].tolist() == ["label is missing"]
+    assert rejected["raw_row"].tolist() == [6]
+    report = json.loads(layout.VALIDATION_REPORT.read_text())
+    assert report["rows_in"] == 40 == report["rows_clean"] + report["rows_quarantined"]
+    assert pd.read_parquet(layout.CLEAN)["label"].notna().all()
 
 
 def test_validate_before_ingest(capsys) -> None:

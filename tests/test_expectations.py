@@ -479,3 +479,61 @@ def test_a_few_bad_pixels_in_the_demo_quarantine_only_their_rows() -> None:
     assert result.report["rows_quarantined"] == 36
     assert sorted(result.rejected[RAW_ROW]) == sorted(bad.tolist())
     assert result.report["passed"] is True
+
+
+def _hand_edited_suite(tmp_path, dropped: set[str]) -> list[dict]:
+    """A committed suite file whose not-null checks on ``dropped`` columns were deleted."""
+    suite = [
+        item
+        for item in params_suite(FEATURES, LENIENT, DOMAINS)
+        if not (item["type"].endswith("_not_be_null") and item["kwargs"].get("column") in dropped)
+    ]
+    path = tmp_path / "raw.json"
+    path.write_text(suite_json(suite))
+    loaded = load_suite(path)
+    assert len(loaded) == len(params_suite(FEATURES, LENIENT, DOMAINS)) - len(dropped)
+    return loaded
+
+
+@pytest.mark.parametrize("dropped", [{"label"}, {"label", "domain"}])
+def test_rows_without_a_label_are_quarantined_whatever_the_suite_says(
+    tmp_path, raw_frame: pd.DataFrame, dropped: set[str]
+) -> None:
+    suite = _hand_edited_suite(tmp_path, dropped)
+    frame = raw_frame.copy()
+    frame["label"] = frame["label"].astype(float)
+    frame.loc[[3, 40], "label"] = np.nan
+    frame.loc[60, "domain"] = None
+    result = gate(frame, FEATURES, LENIENT, DOMAINS, suite)
+    rejected = result.rejected
+    assert dict(zip(rejected[RAW_ROW], rejected[REASON], strict=True)) == {
+        3: "label is missing",
+        40: "label is missing",
+        60: "domain is missing",
+    }
+    assert result.clean["label"].notna().all() and result.clean["domain"].notna().all()
+    report = result.report
+    assert report["rows_in"] == 72 == report["rows_clean"] + report["rows_quarantined"]
+    assert report["rows_quarantined"] == 3
+    checks = [(e["type"], e["column"]) for e in result.expectations]
+    assert ("expect_column_values_to_not_be_null", "label") in checks  # listed in the report
+
+
+def test_a_suite_checking_the_label_elsewhere_gets_no_second_check(raw_frame) -> None:
+    suite = [
+        item
+        for item in params_suite(FEATURES, LENIENT, DOMAINS)
+        if not item["type"].endswith("_not_be_null")
+    ]
+    suite.append(
+        {
+            "type": "expect_multicolumn_values_to_not_be_null",
+            "kwargs": {"column_list": [*FEATURES, "label", "domain"]},
+        }
+    )
+    frame = raw_frame.copy()
+    frame["label"] = frame["label"].astype(float)
+    frame.loc[3, "label"] = np.nan
+    result = gate(frame, FEATURES, LENIENT, DOMAINS, suite)
+    assert result.rejected[REASON].tolist() == ["label is missing"]  # once, not twice
+    assert len(result.expectations) == len(suite)

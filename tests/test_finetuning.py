@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import fields, make_dataclass
+
 import pandas as pd
 import pytest
 import torch
 from conftest import make_blobs, make_config, make_model, make_raw_frame, state_copy, states_equal
 
 from stages.core.common.errors import DataError
-from stages.core.common.params import parse_params
+from stages.core.common.params import FinetuneParams, TrainParams, parse_params
 from stages.core.engine.training import FitOptions, fit
 from stages.core.modeling.finetuning import adapt, few_shot_options, sample_shots
 
@@ -143,3 +145,51 @@ def test_few_shot_options_follow_params() -> None:
         "cpu_threads": 2,
     }
     assert {key: getattr(options, key) for key in expected} == expected
+
+
+def test_few_shot_options_take_every_fit_option_from_finetune_else_train() -> None:
+    params = parse_params(
+        {
+            "finetune": {
+                "epochs": 7, "batch_size": 4, "lr": 0.5, "weight_decay": 0.1, "seed": 9,
+                "schedule": "cosine", "warmup_epochs": 1.5, "grad_clip": 2.0, "grad_accum": 3,
+            },
+            "train": {
+                "epochs": 70, "batch_size": 40, "lr": 0.05, "weight_decay": 0.2, "seed": 90,
+                "schedule": "constant", "warmup_epochs": 0.5, "grad_clip": 9.0, "grad_accum": 2,
+                "device": "cpu", "precision": "fp32", "patience": 3, "cpu_threads": 2,
+                "compile": True,
+            },
+        }
+    )  # fmt: skip
+    options = few_shot_options(params)
+    for option in fields(FitOptions):
+        value = getattr(options, option.name)
+        if option.name == "patience":
+            assert value is None
+        elif option.name in FinetuneParams.model_fields:
+            assert value == getattr(params.finetune, option.name), option.name
+        else:
+            assert option.name in TrainParams.model_fields, f"{option.name}: in no section"
+            assert value == getattr(params.train, option.name), option.name
+        if option.name != "patience":  # each option set here, not left at its default
+            assert value != option.default, option.name
+    assert few_shot_options(params, seed=4).seed == 4
+
+
+def test_a_fit_option_added_to_the_train_section_reaches_the_few_shot_runs(monkeypatch) -> None:
+    from pydantic import create_model
+
+    from stages.core.engine import training
+
+    # A new option, as a later change would add it: a FitOptions field and a train key.
+    extended = make_dataclass(
+        "FitOptions", [("label_smoothing", float, 0.0)], bases=(FitOptions,), frozen=True
+    )
+    monkeypatch.setattr(training, "FitOptions", extended)
+    train = create_model("TrainParams", __base__=TrainParams, label_smoothing=(float, 0.0))
+    params = parse_params({"train": {"device": "cpu"}})
+    params = params.model_copy(update={"train": train(device="cpu", label_smoothing=0.1)})
+    options = few_shot_options(params)
+    assert options.label_smoothing == 0.1
+    assert options.device == "cpu" and options.epochs == params.finetune.epochs

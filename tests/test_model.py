@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_blobs, make_config, make_model, state_copy, states_equal
+from conftest import REPO_ROOT, make_blobs, make_config, make_model, state_copy, states_equal
 from safetensors.torch import load_file
 
 from stages.core.common.errors import DataError, ParamsError
@@ -129,12 +133,85 @@ def test_same_model_gives_byte_identical_files(tmp_path: Path, config: ModelConf
     assert other != (tmp_path / "a" / WEIGHTS_FILE).read_bytes()
 
 
-def test_save_overwrites_atomically(tmp_path: Path, config: ModelConfig) -> None:
-    save_model(tmp_path, make_model(config, seed=1), config)
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_save_replaces_a_whole_directory(tmp_path: Path, config: ModelConfig) -> None:
+    target = tmp_path / "model"
+    save_model(target, make_model(config, seed=1), config)
+    (target / "stale.txt").write_text("from an older layout")
     second = make_model(config, seed=2)
-    save_model(tmp_path, second, config)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
-    assert states_equal(state_copy(load_model(tmp_path)[0]), state_copy(second))
+    save_model(target, second, config.replace(trained_on={"rows": 99}))
+    assert sorted(_files(target)) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert {oct(p.stat().st_mode & 0o777) for p in [target, *target.iterdir()]} == {
+        "0o755",
+        "0o644",
+    }
+    assert oct(target.stat().st_mode & 0o777) == "0o755"
+    loaded, loaded_config = load_model(target)
+    assert states_equal(state_copy(loaded), state_copy(second))
+    assert loaded_config.trained_on == {"rows": 99}
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp or old folder left
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_a_save_failing_between_the_writes_leaves_the_old_model(
+    tmp_path: Path, config: ModelConfig, monkeypatch, exchange: bool
+) -> None:
+    from stages.core.common import io
+    from stages.core.modeling import model as model_module
+
+    if not exchange:  # the fallback where the system cannot swap two paths in one step
+        monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    target = tmp_path / "model"
+    first = make_model(config, seed=1)
+    save_model(target, first, config)
+    before = _files(target)
+    save_model(target, first, config)  # an overwrite works on either path
+    assert _files(target) == before
+
+    def killed(*args, **kwargs):  # the weights are written, the config is not
+        raise KeyboardInterrupt("killed between model.safetensors and config.json")
+
+    monkeypatch.setattr(model_module, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(target, make_model(config, seed=2), config.replace(classes=[7, 8, 9]))
+    assert _files(target) == before  # the old model, complete and unchanged
+    assert states_equal(state_copy(load_model(target)[0]), state_copy(first))
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_save_killed_midway_leaves_the_old_model_and_the_next_save_cleans_up(
+    tmp_path: Path, config: ModelConfig
+) -> None:
+    target = tmp_path / "model"
+    save_model(target, make_model(config, seed=1), config)
+    before = _files(target)
+    # A real SIGKILL after the weights are written: nothing of ours runs after it.
+    script = (
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import make_model\n"
+        "from stages.core.modeling import model as m\n"
+        "from stages.core.common.io import read_json\n"
+        "config = m.ModelConfig(**read_json(sys.argv[1] + '/config.json'))\n"
+        "m.write_json = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "m.save_model(sys.argv[1], make_model(config, seed=2), config)\n"
+    )
+    env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(target)], env=env, capture_output=True, timeout=120
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert _files(target) == before
+    leftovers = [p for p in tmp_path.iterdir() if p != target]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".model.")  # hidden, not the model
+    assert (leftovers[0] / WEIGHTS_FILE).is_file()  # the killed save got that far
+    second = make_model(config, seed=3)
+    save_model(target, second, config)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert states_equal(state_copy(load_model(target)[0]), state_copy(second))
 
 
 def test_string_classes_survive_the_round_trip(tmp_path: Path, config: ModelConfig) -> None:
@@ -152,6 +229,17 @@ def test_encode_follows_the_config_order(config: ModelConfig) -> None:
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.tolist() == [[5, 1, 3, 7], [6, 2, 4, 8]]
     assert y.tolist() == [1, 2]
+
+
+def test_encode_rejects_missing_labels_in_one_line(config: ModelConfig) -> None:
+    frame = pd.DataFrame(
+        {"f0": [0.0] * 3, "f1": [0.0] * 3, "f2": [0.0] * 3, "f3": [0.0] * 3, "label": [1, None, 2]}
+    )
+    with pytest.raises(DataError) as caught:
+        encode(frame, config)
+    message = str(caught.value)
+    assert message.startswith("label: 1 of 3 rows have no label (first: row 1); ")
+    assert "\n" not in message
 
 
 def test_encode_rejects_unknown_labels(config: ModelConfig) -> None:

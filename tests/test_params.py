@@ -111,10 +111,46 @@ def test_validate_section_reads_from_its_yaml_name() -> None:
         ({"validate": {"suite": "suite.json"}}, "validate.suite: "),
         ({"validate": {"suite": "data/suites/raw.yaml"}}, "validate.suite: "),
         ({"tracking": {"experiment": ""}}, "tracking.experiment: "),
+        ({"validate": {"suite": "data/suites/../../x.json"}}, "validate.suite: "),
+        ({"validate": {"suite": "data/suites/../raw.json"}}, "validate.suite: "),
+        ({"validate": {"suite": "/repo/data/suites/raw.json"}}, "validate.suite: "),
+        ({"data": {"source": "/srv/data/own.csv"}}, "data.source: "),
+        ({"data": {"source": "../own.csv"}}, "data.source: "),
+        ({"data": {"source": "data/source/../../../own.csv"}}, "data.source: "),
     ],
 )
 def test_bad_value_is_one_line_naming_the_key(raw: dict, expected: str) -> None:
     assert expected in _error(raw)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("suite", "data/suites/../../x.json", "under data/suites/"),
+        ("suite", "/abs/data/suites/raw.json", "inside the repository"),
+        ("source", "/abs/own.csv", "inside the repository"),
+        ("source", "data/../../own.csv", "climbs out of the repository (resolves to ../own.csv)"),
+    ],
+)
+def test_a_path_outside_its_folder_says_why(key: str, value: str, why: str) -> None:
+    section = "validate" if key == "suite" else "data"
+    message = _error({section: {key: value}})
+    assert message.startswith(f"params.yaml: {section}.{key}: ")
+    assert why in message and f"(got {value!r})" in message
+    assert "DVC" in message and "rerun" in message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"validate": {"suite": "data/suites/./raw.json"}},
+        {"validate": {"suite": "data/suites/old/../raw.json"}},
+        {"data": {"source": "data/source/scans/../own.csv"}},
+        {"data": {"source": "https://example.org/../d.csv", "sha256": "a" * 64}},
+    ],
+)
+def test_paths_that_resolve_inside_their_folder_pass(raw: dict) -> None:
+    parse_params(raw)
 
 
 def test_wrong_type_shows_the_offending_value() -> None:

@@ -413,6 +413,56 @@ def test_images_are_converted_and_resized(tmp_path: Path) -> None:
     assert set(frame.iloc[0, :8]) == {76.0}
 
 
+def _sixteen_bit_gradient(path: Path, top: int, height: int = 2, width: int = 16) -> np.ndarray:
+    """A grey 16-bit PNG (Pillow mode I;16) whose columns rise from 0 to ``top``."""
+    row = np.linspace(0, top, width).round().astype(np.uint16)
+    values = np.tile(row, (height, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(values).save(path)
+    with Image.open(path) as image:
+        assert image.mode == "I;16"  # what Pillow reads a 16-bit grey PNG as
+    return values
+
+
+@pytest.mark.parametrize("top", [4000, 65535])
+def test_a_16_bit_gradient_is_scaled_not_clipped(tmp_path: Path, top: int) -> None:
+    values = _sixteen_bit_gradient(tmp_path / "deep" / "a" / "g.png", top)
+    frame = load_source(DataParams(source="deep", image_shape=[2, 16]), root=tmp_path)
+    pixels = frame.iloc[0, :16].to_numpy(np.float64)
+    # convert("L") made this [0, 255, 255, ...]: every level above 255 clipped.
+    np.testing.assert_allclose(pixels, values[0].astype(np.float64) * 255 / 65535, rtol=1e-6)
+    assert (np.diff(pixels) > 0).all()
+    assert pixels[0] == 0 and pixels[-1] == pytest.approx(top * 255 / 65535, rel=1e-6)
+
+
+def test_a_16_bit_image_is_scaled_then_resized_and_read_as_rgb(tmp_path: Path) -> None:
+    _sixteen_bit_gradient(tmp_path / "deep" / "a" / "g.png", 65535, height=4, width=16)
+    params = DataParams(source="deep", image_mode="rgb", image_shape=[3, 2, 8])
+    pixels = load_source(params, root=tmp_path).iloc[0, :48].to_numpy(np.float64)
+    channels = pixels.reshape(3, 2, 8)
+    np.testing.assert_array_equal(channels[0], channels[1])  # grey: the same in R, G and B
+    assert (np.diff(channels[0, 0]) > 0).all()
+    assert channels.min() >= 0 and channels.max() <= 255 and channels.max() > 200
+
+
+def test_a_float_image_is_refused_naming_file_and_mode(tmp_path: Path) -> None:
+    (tmp_path / "floats" / "a").mkdir(parents=True)
+    Image.fromarray(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)).save(
+        tmp_path / "floats" / "a" / "f.tif"
+    )
+    message = _error(DataParams(source="floats", image_shape=[4, 4]), tmp_path)
+    assert message.startswith("floats/a/f.tif: Pillow reads this image as mode F")
+
+
+def test_a_32_bit_image_beyond_16_bits_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "wide" / "a").mkdir(parents=True)
+    Image.fromarray(np.array([[0, 70000]], dtype=np.int32)).save(tmp_path / "wide" / "a" / "i.tif")
+    message = _error(DataParams(source="wide", image_shape=[1, 2]), tmp_path)
+    assert message.startswith(
+        "wide/a/i.tif: Pillow reads this image as mode I with values 0 to 70000"
+    )
+
+
 def test_image_folder_with_domains(tmp_path: Path) -> None:
     for domain, level in (("scanner_a", 10), ("scanner_b", 200)):
         for label in ("0", "1"):

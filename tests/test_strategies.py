@@ -179,12 +179,13 @@ def test_fine_tune_with_lora_saves_a_model_that_loads_without_peft(bases, tmp_pa
     assert result.trainable_parameters == 2 * 2 * (16 + 48 + 16 + 16 + 16 + 32 + 32 + 16) + (
         16 * 2 + 2
     )
-    save_model(tmp_path, tuned, tuned_config)
-    assert not any("lora" in key for key in load_file(str(tmp_path / "model.safetensors")))
+    folder = tmp_path / "model"  # not the working directory, which a save would replace
+    save_model(folder, tuned, tuned_config)
+    assert not any("lora" in key for key in load_file(str(folder / "model.safetensors")))
     script = (
         "import sys; sys.modules['peft'] = None\n"  # any import of peft now fails
         "from stages.core.modeling.model import load_model\n"
-        f"model, config = load_model({str(tmp_path)!r})\n"
+        f"model, config = load_model({str(folder)!r})\n"
         "print(config.arch, sum(p.numel() for p in model.parameters()))\n"
     )
     env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
@@ -193,7 +194,7 @@ def test_fine_tune_with_lora_saves_a_model_that_loads_without_peft(bases, tmp_pa
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["transformer", str(count_parameters(tuned))]
-    loaded, _ = load_model(tmp_path)
+    loaded, _ = load_model(folder)
     probe = torch.randn(4, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(probe), tuned.eval()(probe), rtol=0, atol=0)

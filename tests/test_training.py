@@ -192,3 +192,36 @@ def test_history_rows_and_summary_are_rounded() -> None:
         "val_loss": 1.0,
         "val_accuracy": 0.833333,
     }
+
+
+@pytest.fixture
+def three_threads():
+    """The process runs on 3 threads during the test; the session's count comes back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_fit_restores_the_thread_count(model, blobs, three_threads) -> None:
+    train, val = blobs
+    seen = []
+    fit(model, train, val, _options(epochs=2, cpu_threads=1), lambda _: seen.append(_threads()))
+    assert seen == [1, 1]  # cpu_threads holds while fit trains ...
+    assert torch.get_num_threads() == 3  # ... and the caller's count is back afterwards
+
+
+def test_fit_restores_the_thread_count_when_it_raises(model, blobs, three_threads) -> None:
+    train, val = blobs
+
+    def fail(stats: EpochStats) -> None:
+        assert _threads() == 1
+        raise RuntimeError("stopped inside fit")
+
+    with pytest.raises(RuntimeError, match="stopped inside fit"):
+        fit(model, train, val, _options(epochs=2, cpu_threads=1), fail)
+    assert torch.get_num_threads() == 3
+
+
+def _threads() -> int:
+    return torch.get_num_threads()

@@ -29,8 +29,13 @@ class TrainingError(PipelineError):
     """Training cannot give a usable model (for example, the loss is NaN from the start)."""
 
 
-def one_line(exc: BaseException, limit: int = 240) -> str:
-    """``exc``'s message on one line (whitespace runs collapsed), at most ``limit`` characters;
-    its type's name when it has no message."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+def one_line(exc: BaseException | str, limit: int = 240) -> str:
+    """``exc``'s message (or a message of a library's, as text) on one line: every line of it
+    with whitespace runs collapsed, at most ``limit`` characters; an exception's type name when
+    it has no message. The one way an error from a library is quoted in a message of ours:
+    later lines often hold what the first one lacks (a YAML error's line and column, a
+    state dict's missing keys)."""
+    text = " ".join(str(exc).split())
+    if not text and isinstance(exc, BaseException):
+        text = type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 import re
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -17,13 +18,32 @@ from pydantic import (
     model_validator,
 )
 
-from stages.core.common.errors import ParamsError
+from stages.core.common.errors import ParamsError, one_line
 
 PARAMS_FILE = "params.yaml"
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def repo_path(value: str) -> PurePosixPath:
+    """``value`` as a path inside the repository, ``..`` resolved (``data/suites/../x.json`` is
+    ``data/x.json``); an absolute path or one that climbs out of the repository is refused: DVC
+    tracks only files inside the repository, so a change to such a file would never rerun the
+    stage that reads it. Every path param goes through this one check."""
+    if PurePosixPath(value).is_absolute():
+        raise ValueError(
+            "must be a path inside the repository, relative to its root: DVC only tracks files "
+            "inside the repo, so a change to an absolute path would never rerun the pipeline"
+        )
+    resolved = PurePosixPath(posixpath.normpath(value))
+    if resolved.parts[:1] == ("..",):
+        raise ValueError(
+            f"climbs out of the repository (resolves to {resolved}): DVC only tracks files "
+            "inside the repo, so a change to it would never rerun the pipeline"
+        )
+    return resolved
 
 
 class DataParams(_Section):
@@ -47,6 +67,13 @@ class DataParams(_Section):
         if self.base_domain == self.target_domain:
             raise ValueError("base_domain and target_domain must differ")
         return self
+
+    @field_validator("source")
+    @classmethod
+    def _local_source_inside_the_repo(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", value):  # sklearn:, https://: no path
+            repo_path(value)
+        return value
 
     @field_validator("sha256")
     @classmethod
@@ -83,9 +110,13 @@ class ValidateParams(_Section):
     @classmethod
     def _suite_under_data_suites(cls, value: str | None) -> str | None:
         # validate depends on data/suites/ in dvc.yaml: a suite elsewhere would not rerun it.
-        path = PurePosixPath(value) if value is not None else None
+        path = repo_path(value) if value is not None else None
         if path is not None and (path.parts[:2] != ("data", "suites") or path.suffix != ".json"):
-            raise ValueError("must be a .json file under data/suites/ (e.g. data/suites/raw.json)")
+            raise ValueError(
+                "must be a .json file under data/suites/ (e.g. data/suites/raw.json): validate's "
+                "DVC deps hold data/suites/, so a suite elsewhere would never rerun it"
+                + (f" (it resolves to {path})" if path.as_posix() != value else "")
+            )
         return value
 
     @field_validator("feature_range")
@@ -309,7 +340,7 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ParamsError(f"{path}: not valid YAML: {one_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     return parse_params(raw, path)

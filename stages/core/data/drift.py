@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from stages.core.common.numbers import rounded
+
 PSI_BINS = 10
 
 
@@ -62,14 +64,14 @@ def compare(reference: pd.DataFrame, current: pd.DataFrame, features: list[str])
     psis, kss = psi(a, b), ks_statistics(a, b)
     return {
         "features": {
-            name: {"psi": _round(p), "ks": _round(k)}
+            name: {"psi": rounded(p), "ks": rounded(k)}
             for name, p, k in zip(features, psis, kss, strict=True)
         },
         "summary": {
-            "psi_mean": _round(psis.mean()),
-            "psi_max": _round(psis.max()),
-            "ks_mean": _round(kss.mean()),
-            "ks_max": _round(kss.max()),
+            "psi_mean": rounded(psis.mean()),
+            "psi_max": rounded(psis.max()),
+            "ks_mean": rounded(kss.mean()),
+            "ks_max": rounded(kss.max()),
             "shifted_features": int((psis > SHIFTED_PSI).sum()),
         },
     }
@@ -105,7 +107,3 @@ def most_shifted(report: dict, comparison: str = "domain_gap", top: int = TOP_FE
     ]
     rows.sort(key=lambda row: (-row["psi"], -row["ks"], row["feature"]))
     return rows[:top]
-
-
-def _round(value: float) -> float:
-    return round(float(value), 6)

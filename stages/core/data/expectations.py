@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.core.common.errors import DataError
+from stages.core.common.errors import DataError, one_line
 from stages.core.common.layout import RAW, REJECTED
-from stages.core.common.numbers import plain
+from stages.core.common.numbers import number_like, plain
 from stages.core.common.params import ValidateParams
 from stages.core.common.schema import DOMAIN, LABEL
 from stages.core.common.telemetry import silence
@@ -70,13 +70,21 @@ DUPLICATES = {
 }
 
 
-NOT_NULL = {"expect_column_values_to_not_be_null", "expect_multicolumn_values_to_not_be_null"}
+NOT_NULL_COLUMN = "expect_column_values_to_not_be_null"
+
+
+NOT_NULL = {NOT_NULL_COLUMN, "expect_multicolumn_values_to_not_be_null"}
 
 
 BETWEEN = {"expect_column_values_to_be_between", "expect_multicolumn_values_to_be_between"}
 
 
 IN_SET = "expect_column_values_to_be_in_set"
+
+
+# Columns no row can go on without, whatever the suite says: split and training need every
+# row's label and domain (a hand-edited suite without these checks let NaN labels through).
+REQUIRED = (LABEL, DOMAIN)
 
 
 SUITE_NAME = "raw"
@@ -151,6 +159,18 @@ def _suite(features: list[str], low: Any, high: Any, value_sets: dict[str, list]
         for column, values in value_sets.items()
     ]
     return suite
+
+
+def with_required_checks(suite: list[dict]) -> list[dict]:
+    """``suite`` plus a not-null check for each column of ``REQUIRED`` that none of its
+    not-null checks covers (one with a ``row_condition`` covers only some rows)."""
+    covered = set()
+    for item in suite:
+        kwargs = item["kwargs"]
+        if item["type"] in NOT_NULL and not kwargs.get("row_condition"):
+            covered.update(kwargs.get("column_list") or [kwargs.get("column")])
+    missing = [column for column in REQUIRED if column not in covered]
+    return [*suite, *(expectation(NOT_NULL_COLUMN, column=column) for column in missing)]
 
 
 def params_suite(features: list[str], params: ValidateParams, domains: list[str]) -> list[dict]:
@@ -242,8 +262,9 @@ def _to_gx(suite: list[dict], where: str = "suite") -> list:
         try:
             built.append(ExpectationConfiguration(**item).to_domain_obj())
         except Exception as exc:  # GX raises many types for unknown types and bad kwargs
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"{where}: expectation {number} ({item['type']}): {message}") from None
+            raise DataError(
+                f"{where}: expectation {number} ({item['type']}): {one_line(exc)}"
+            ) from None
     return built
 
 
@@ -288,10 +309,8 @@ def _table_failure(kind: str, kwargs: dict, outcome: dict, frame: pd.DataFrame) 
         observed, least = outcome.get("observed_value"), kwargs.get("min_value")
         return f"{observed} rows, expected at least {least}"
     if kind in NUMERIC:
-        from stages.core.data.gx_multicolumn import is_number_like
-
         for column in kwargs.get("column_list") or [kwargs["column"]]:
-            bad = ~is_number_like(frame[column])
+            bad = ~number_like(frame[column])
             if bad.any():
                 first = int(np.argmax(bad))
                 return (
@@ -389,8 +408,7 @@ def _raised(info: dict) -> str | None:
     metric errors one level down, keyed by metric."""
     for entry in [info, *(v for v in info.values() if isinstance(v, dict))]:
         if entry.get("raised_exception"):
-            lines = str(entry.get("exception_message", "")).strip().splitlines()
-            return lines[0] if lines else "error"
+            return one_line(str(entry.get("exception_message", ""))) or "error"
     return None
 
 
@@ -425,13 +443,17 @@ def gate(
     suite: list[dict] | None = None,
 ) -> GateResult:
     """Validate the raw table with ``suite`` (default: built from params); quarantine failing
-    rows, then check the quarantined share and the clean rows per class and domain.
+    rows, then check the quarantined share and the clean rows per class and domain. Rows
+    without a label or a domain are quarantined even when ``suite`` has no check for them
+    (``with_required_checks``).
 
     A table-level failure raises DataError. The dataset-level gates are listed in
     ``report["failures"]``, so that the caller can write every output before it stops.
     """
     frame = frame.reset_index(drop=True)
-    suite = suite if suite is not None else params_suite(features, params, domains)
+    suite = with_required_checks(
+        suite if suite is not None else params_suite(features, params, domains)
+    )
     result = run_suite(frame, suite)
     missing_columns: list[str] = []
     table_failures: list[tuple[int, str]] = []

@@ -26,6 +26,8 @@ from great_expectations.expectations.metrics.map_metric_provider.multicolumn_con
     multicolumn_condition_partial,
 )
 
+from stages.core.common.numbers import number_like
+
 _DOMAIN_KEYS = (
     "batch_id",
     "table",
@@ -40,13 +42,6 @@ def _rowwise(frame: pd.DataFrame, ok: np.ndarray) -> pd.Series:
     return pd.Series(ok, index=frame.index)
 
 
-def is_number_like(column: pd.Series) -> np.ndarray:
-    """Per value: a number, or missing (a missing value is the null check's business)."""
-    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
-        return np.ones(len(column), dtype=bool)
-    return (pd.to_numeric(column, errors="coerce").notna() | column.isna()).to_numpy()
-
-
 class MulticolumnValuesNumeric(MulticolumnMapMetricProvider):
     condition_metric_name = "multicolumn_values.numeric"
     condition_domain_keys = _DOMAIN_KEYS
@@ -55,7 +50,7 @@ class MulticolumnValuesNumeric(MulticolumnMapMetricProvider):
     def _pandas(cls, column_list: pd.DataFrame, **kwargs) -> pd.Series:
         ok = np.ones(len(column_list), dtype=bool)
         for name in column_list.columns:
-            ok &= is_number_like(column_list[name])
+            ok &= number_like(column_list[name])
         return _rowwise(column_list, ok)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from stages.core.common.errors import DataError
+from stages.core.common.numbers import number_like
 from stages.core.common.params import DataParams
 from stages.core.common.schema import DOMAIN, LABEL, RESERVED
 
@@ -124,19 +125,16 @@ def _first_columns(frame: pd.DataFrame, limit: int = 10) -> str:
 
 def _numeric(column: pd.Series, name: str, source: str) -> pd.Series:
     """A feature column as float64; text that is not a number stops ingest with one line."""
-    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
-        return column.astype(np.float64)
-    converted = pd.to_numeric(column, errors="coerce")
-    bad = converted.isna() & column.notna()
+    bad = ~number_like(column)
     if bad.any():
-        position = int(np.argmax(bad.to_numpy()))
+        position = int(np.argmax(bad))
         where = f"line {position + 2}" if source.endswith(".csv") else f"row {position}"
         raise DataError(
             f"{source}: column '{name}' (data.features) is not numeric: {int(bad.sum())} of "
             f"{len(column)} values are not numbers (first: {column.iloc[position]!r} on {where}); "
             "fix those values or remove the column from data.features"
         )
-    return converted.astype(np.float64)
+    return pd.to_numeric(column, errors="coerce").astype(np.float64)
 
 
 def domain_text(column: pd.Series) -> pd.Series:

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 
-from stages.core.common.errors import DataError
+from stages.core.common.errors import DataError, one_line
 from stages.core.common.io import write_atomic
 from stages.core.common.layout import SOURCE_CACHE
 from stages.core.common.params import DataParams
@@ -110,7 +110,7 @@ def read_table(path: Path, source: str, kind: str) -> pd.DataFrame:
             return pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types; the user needs the file and cause
             raise DataError(
-                f"{source}: not a readable Parquet file ({_first_line(exc)}); "
+                f"{source}: not a readable Parquet file ({one_line(exc)}); "
                 "re-export it or point data.source at another file"
             ) from None
     try:
@@ -130,7 +130,7 @@ def read_table(path: Path, source: str, kind: str) -> pd.DataFrame:
                 f"{source}: line {line} has {saw} fields, the header has {expected}; fix that "
                 "line (a stray separator, or text with commas that needs quotes)"
             ) from None
-        raise DataError(f"{source}: cannot parse the CSV ({_first_line(exc)})") from None
+        raise DataError(f"{source}: cannot parse the CSV ({one_line(exc)})") from None
     except OSError as exc:
         raise DataError(f"{source}: cannot read the file ({exc.strerror or exc})") from None
 
@@ -146,11 +146,6 @@ def _not_utf8(path: Path, source: str) -> str:
             "save the file as UTF-8"
         )
     return f"{source}: not UTF-8 text; save the file as UTF-8"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def file_sha256(path: Path) -> str:
@@ -293,7 +288,11 @@ def load_image_folder(folder: Path, params: DataParams, source: str) -> pd.DataF
 
     Each image is converted to grey (``L``) or RGB (``data.image_mode``), resized to
     ``data.image_shape`` (bilinear) and flattened in C, H, W order; values stay 0-255.
-    The label column holds the class folder's name; files are read in sorted path order.
+    16-bit grey images (Pillow's ``I;16`` modes, and ``I`` whose values fit 0-65535) are
+    scaled by their full range into that 0-255 scale (x * 255 / 65535, kept as floats), not
+    clipped; float (``F``) and other wide images, whose range is unknown, stop with one line
+    naming the file and its mode. The label column holds the class folder's name; files are
+    read in sorted path order.
     """
     from PIL import Image
 
@@ -328,16 +327,50 @@ def load_image_folder(folder: Path, params: DataParams, source: str) -> pd.DataF
     for row, rel in enumerate(files):
         try:
             with Image.open(folder / rel) as image:
-                resized = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+                array = _pixels(image, mode, (width, height), f"{source}/{rel.as_posix()}")
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise DataError(
                 f"{source}/{rel.as_posix()}: Pillow cannot read this image "
-                f"({_first_line(exc)}); replace or remove it"
+                f"({one_line(exc)}); replace or remove it"
             ) from None
-        array = np.asarray(resized, dtype=np.float64)
         pixels[row] = (array.transpose(2, 0, 1) if mode == "RGB" else array).reshape(-1)
     frame = pd.DataFrame(pixels, columns=names)
     frame[params.label] = [rel.parts[-2] for rel in files]
     if params.domain_column:
         frame[params.domain_column] = [rel.parts[0] for rel in files]
     return frame
+
+
+# Pillow's modes of 8 bits per channel: convert() maps each of them faithfully to L or RGB.
+EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+
+
+# 16-bit grey: convert("L") clips these at 255 (a 0..4000 gradient became 0, 255, 255, ...).
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+SIXTEEN_BIT_MAX = 65535
+
+
+def _pixels(image, mode: str, size: tuple[int, int], name: str) -> np.ndarray:
+    """One image as an (H, W) or (H, W, 3) float array on the 0-255 scale, resized to ``size``."""
+    from PIL import Image
+
+    if image.mode in EIGHT_BIT_MODES:
+        resized = image.convert(mode).resize(size, Image.Resampling.BILINEAR)
+        return np.asarray(resized, dtype=np.float64)
+    values = np.asarray(image, dtype=np.float64) if image.mode != "F" else None
+    wide = image.mode in SIXTEEN_BIT_MODES or (
+        image.mode == "I" and values.min() >= 0 and values.max() <= SIXTEEN_BIT_MAX
+    )
+    if not wide:
+        found = "" if values is None else f" with values {values.min():g} to {values.max():g}"
+        raise DataError(
+            f"{name}: Pillow reads this image as mode {image.mode}{found}, which has no known "
+            "range to scale to 0-255; save it as 8- or 16-bit grey or RGB (e.g. PNG)"
+        )
+    # Scaled in float (mode F) and resized there: rounding to 8 bits first would keep only
+    # 256 of the 65536 levels, and a faint 16-bit image would collapse to a few grey values.
+    scaled = Image.fromarray((values * (255 / SIXTEEN_BIT_MAX)).astype(np.float32))
+    grey = np.asarray(scaled.resize(size, Image.Resampling.BILINEAR), dtype=np.float64)
+    return np.repeat(grey[:, :, None], 3, axis=2) if mode == "RGB" else grey

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from stages.core.common.errors import TrainingError
+from stages.core.common.numbers import rounded
 from stages.core.engine.checkpoints import Checkpoints
 from stages.core.engine.devices import resolve_device, resolve_precision
 from stages.core.engine.distributed import World, agree, current_world
@@ -88,8 +89,31 @@ def fit(
     from the latest valid checkpoint and saves new ones as it goes. ``progress`` labels the
     progress display (None: quiet). Under torchrun (a process group is up) every rank trains its
     share of each batch under DistributedDataParallel; all ranks end with the same weights.
-    The model is left on the CPU.
+    The model is left on the CPU. ``options.cpu_threads`` holds for this call only: the
+    process's thread count is restored when fit returns or raises.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _fit(
+            model, train, val, options, on_epoch,
+            param_groups=param_groups, checkpoints=checkpoints, progress=progress,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(
+    model: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    options: FitOptions,
+    on_epoch: Callable[[EpochStats], None] | None,
+    *,
+    param_groups: list[dict] | None,
+    checkpoints: Checkpoints | None,
+    progress: str | None,
+) -> FitResult:
+    """fit's body, which may change the thread count (fit restores it)."""
     world = current_world()
     device = resolve_device(options.device)
     if device.type == "cpu" and options.cpu_threads:
@@ -360,7 +384,7 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def history_rows(result: FitResult) -> list[dict]:
     """One dict per epoch (epoch, train_loss, val_loss, val_accuracy), rounded for stable files."""
-    return [{k: _round(v) for k, v in asdict(stats).items()} for stats in result.history]
+    return [{k: rounded(v) for k, v in asdict(stats).items()} for stats in result.history]
 
 
 def fit_summary(result: FitResult) -> dict:
@@ -370,11 +394,7 @@ def fit_summary(result: FitResult) -> dict:
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
-        "train_loss": _round(best.train_loss),
-        "val_loss": _round(best.val_loss),
-        "val_accuracy": _round(best.val_accuracy),
+        "train_loss": rounded(best.train_loss),
+        "val_loss": rounded(best.val_loss),
+        "val_accuracy": rounded(best.val_accuracy),
     }
-
-
-def _round(value: float) -> float:
-    return value if isinstance(value, int) else round(float(value), 6)

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from stages.core.common.numbers import rounded
+
 CALIBRATION_BINS = 15
 
 
@@ -16,10 +18,6 @@ LEVEL = 0.95  # of every interval; the keys say so (``*_ci95_low``)
 
 
 _BOOTSTRAP_CELLS = 2_000_000  # resamples x rows drawn at once: bounds memory on big test sets
-
-
-def _round(value: float) -> float:
-    return round(float(value), 6)
 
 
 def scores(pairs: pd.DataFrame) -> dict:
@@ -39,11 +37,11 @@ def scores(pairs: pd.DataFrame) -> dict:
         actual, predicted, average="weighted", zero_division=0
     )
     return {
-        "accuracy": _round(accuracy_score(actual, predicted)),
-        "precision_macro": _round(precision),
-        "recall_macro": _round(recall),
-        "f1_macro": _round(f1),
-        "f1_weighted": _round(f1_weighted),
+        "accuracy": rounded(accuracy_score(actual, predicted)),
+        "precision_macro": rounded(precision),
+        "recall_macro": rounded(recall),
+        "f1_macro": rounded(f1),
+        "f1_weighted": rounded(f1_weighted),
         "support": len(pairs),
     }
 
@@ -61,9 +59,9 @@ def per_class_scores(pairs: pd.DataFrame, classes: Sequence) -> dict[str, dict]:
     )
     return {
         str(label): {
-            "precision": _round(p),
-            "recall": _round(r),
-            "f1": _round(f),
+            "precision": rounded(p),
+            "recall": rounded(r),
+            "f1": rounded(f),
             "support": int(s),
         }
         for label, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
@@ -128,8 +126,8 @@ def roc_auc_ovr(actual: np.ndarray, proba: np.ndarray, classes: Sequence) -> flo
     if not set(classes) <= set(np.asarray(actual).tolist()):
         return None
     if len(classes) == 2:
-        return _round(roc_auc_score(np.asarray(actual) == classes[1], proba[:, 1]))
-    return _round(roc_auc_score(actual, proba, multi_class="ovr", labels=classes))
+        return rounded(roc_auc_score(np.asarray(actual) == classes[1], proba[:, 1]))
+    return rounded(roc_auc_score(actual, proba, multi_class="ovr", labels=classes))
 
 
 def probability_scores(actual: np.ndarray, proba: np.ndarray, classes: Sequence) -> dict:
@@ -142,8 +140,8 @@ def probability_scores(actual: np.ndarray, proba: np.ndarray, classes: Sequence)
     confidence, correct = confidence_and_correct(actual, proba, classes)
     return {
         "roc_auc_ovr": roc_auc_ovr(actual, proba, classes),
-        "log_loss": _round(log_loss(actual, proba, labels=classes)),
-        "ece": _round(expected_calibration_error(confidence, correct)),
+        "log_loss": rounded(log_loss(actual, proba, labels=classes)),
+        "ece": rounded(expected_calibration_error(confidence, correct)),
     }
 
 
@@ -235,8 +233,8 @@ def bootstrap_intervals(
     intervals = {}
     for name, chunks in parts.items():
         low, high = np.quantile(np.concatenate(chunks), [tail, 1 - tail])
-        intervals[f"{name}_ci95_low"] = _round(low)
-        intervals[f"{name}_ci95_high"] = _round(high)
+        intervals[f"{name}_ci95_low"] = rounded(low)
+        intervals[f"{name}_ci95_high"] = rounded(high)
     return intervals
 
 
@@ -251,4 +249,4 @@ def mean_interval(
         return None, None
     mean = float(np.mean(values))
     half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(np.std(values, ddof=1)) / math.sqrt(n)
-    return _round(mean - half), _round(mean + half)
+    return rounded(mean - half), rounded(mean + half)

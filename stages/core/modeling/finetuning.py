@@ -14,7 +14,7 @@ from stages.core.common.numbers import plain
 from stages.core.common.params import LoraParams, Params
 from stages.core.common.schema import LABEL
 from stages.core.engine.checkpoints import Checkpoints
-from stages.core.engine.training import EpochStats, FitOptions, FitResult, fit
+from stages.core.engine.training import EpochStats, FitOptions, FitResult, fit, fit_options
 from stages.core.modeling.lora import add_lora, merge_lora, resolve_targets
 from stages.core.modeling.model import Classifier, ModelConfig, encode
 
@@ -75,24 +75,13 @@ def optimizer_groups(model: nn.Module, body_lr: float | None) -> list[dict] | No
 
 def few_shot_options(params: Params, seed: int | None = None) -> FitOptions:
     """Training options for the few-shot runs (fine-tune and the scratch baseline): fixed
-    epochs, no early stopping, since selecting on the val split would use more labels."""
-    tune = params.finetune
-    return FitOptions(
-        epochs=tune.epochs,
-        batch_size=tune.batch_size,
-        lr=tune.lr,
-        weight_decay=tune.weight_decay,
-        seed=tune.seed if seed is None else seed,
-        patience=None,
-        device=params.train.device,
-        precision=params.train.precision,
-        cpu_threads=params.train.cpu_threads,
-        schedule=tune.schedule,
-        warmup_epochs=tune.warmup_epochs,
-        grad_clip=tune.grad_clip,
-        grad_accum=tune.grad_accum,
-        compile=params.train.compile,
-    )
+    epochs, no early stopping, since selecting on the val split would use more labels.
+
+    Every option ``finetune`` sets comes from there; the rest (device, precision, threads,
+    compile, and any option added later) from ``train``, so no option can be left out."""
+    sections = params.section("train") | params.section("finetune")
+    overrides = {"patience": None} | ({} if seed is None else {"seed": seed})
+    return fit_options(sections, **overrides)
 
 
 def fine_tune(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from stages.core.common.errors import DataError, ModelError, one_line
-from stages.core.common.io import read_json, write_atomic, write_json
+from stages.core.common.io import read_json, write_dir_atomic, write_json
 from stages.core.common.params import DataParams, ModelParams
 from stages.core.common.schema import LABEL, RESERVED
 from stages.core.modeling.architectures import build_body
@@ -103,13 +103,18 @@ def fit_scaling(x: np.ndarray, mode: str) -> tuple[list[float], list[float]]:
 
 
 def save_model(directory: Path | str, model: Classifier, config: ModelConfig) -> None:
-    """Write ``model.safetensors`` and ``config.json`` into ``directory``, each atomically."""
+    """Write ``directory`` as a whole, holding ``model.safetensors`` and ``config.json`` only:
+    a crash or kill while saving leaves the old model or the new one, never new weights
+    beside an old config (stages.core.common.io.write_dir_atomic)."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
-    write_json(directory / CONFIG_FILE, asdict(config))
+
+    def write(folder: Path) -> None:
+        save_file(state, str(folder / WEIGHTS_FILE))
+        write_json(folder / CONFIG_FILE, asdict(config))
+
+    write_dir_atomic(directory, write)
 
 
 def load_model(directory: Path | str) -> tuple[Classifier, ModelConfig]:
@@ -147,7 +152,16 @@ def load_model(directory: Path | str) -> tuple[Classifier, ModelConfig]:
 
 
 def encode(frame: pd.DataFrame, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feature rows and class indices of a split, in the model's feature and class order."""
+    """Feature rows and class indices of a split, in the model's feature and class order.
+
+    A missing label or one outside the model's classes is a DataError (one line)."""
+    missing = frame[LABEL].isna().to_numpy()
+    if missing.any():
+        raise DataError(
+            f"{LABEL}: {int(missing.sum())} of {len(frame)} rows have no label (first: row "
+            f"{int(np.argmax(missing))}); the validate stage quarantines such rows: rerun it "
+            "(dvc repro) rather than feeding unvalidated data"
+        )
     index = {label: i for i, label in enumerate(config.classes)}
     unknown = sorted(set(frame[LABEL]) - set(index), key=str)
     if unknown:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from stages.core.common.errors import one_line
 from stages.core.common.telemetry import silence
 
 silence()
@@ -95,8 +96,8 @@ def describe_failure(exc: BaseException) -> str:
     text = str(exc)
     reason = next((short for key, short in NETWORK_FAILURES.items() if key in text), None)
     if reason is None:
-        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-        reason = f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+        message = one_line(text, 200)
+        reason = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return (
         f"tracking: {tracking_uri()}: {reason} (to run without it: unset "
         "MLFLOW_TRACKING_URI to log to the local mlflow.db, or set PIPELINE_TRACKING=off)"
