@@ -171,7 +171,7 @@ class TrainParams(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     patience: int | None = Field(10, ge=1)
     cpu_threads: int | None = Field(1, ge=1)
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_epochs: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     grad_accum: int = Field(1, ge=1)
@@ -215,7 +215,7 @@ class FinetuneParams(_Section):
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 42
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_epochs: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     grad_accum: int = Field(1, ge=1)
