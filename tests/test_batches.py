@@ -166,3 +166,47 @@ def test_an_unknown_optimizer_is_an_error() -> None:
 def test_linear_schedule() -> None:
     factor = lr_factor("linear", warmup_steps=2, total_steps=6)
     assert [factor(s) for s in range(7)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+# --- two real gloo processes: each takes its share of every token batch -------------------
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ |= {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = BagOfWords()
+        model.drop.p = 0.0  # the same masks on one process and two
+        fit(model, _texts(64, seed=7), _texts(16, seed=8), DDP_OPTIONS)
+        torch.save(state_copy(model), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+DDP_OPTIONS = replace(OPTIONS, epochs=3, batch_size=8, grad_accum=2, optimizer="adamw")
+
+
+def test_two_processes_train_token_batches_like_one(tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert states_equal(*ranks)
+    torch.manual_seed(0)
+    single = BagOfWords()
+    single.drop.p = 0.0
+    fit(single, _texts(64, seed=7), _texts(16, seed=8), DDP_OPTIONS)
+    expected = state_copy(single)
+    assert all(torch.allclose(ranks[0][k], expected[k], atol=1e-5) for k in expected)

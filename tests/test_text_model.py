@@ -279,7 +279,39 @@ def test_a_lora_target_that_matches_nothing(tiny_checkpoints, family, layer) -> 
 def test_hf_params() -> None:
     params = parse_params({"model": {"arch": "hf", "pretrained": "data/models/bert"}})
     assert params.model.trust_remote_code is False and params.train.objective == "classify"
+    options = text.text_fit_options(params.section("train") | {"schedule": "linear"})
+    assert (options.optimizer, options.schedule) == ("adamw", "linear")
     with pytest.raises(ParamsError, match="model.arch: hf needs model.pretrained"):
         parse_params({"model": {"arch": "hf"}})
     with pytest.raises(ParamsError, match="train.objective: none needs model.arch: hf"):
         parse_params({"train": {"objective": "none"}})
+
+
+def test_lora_resumes_after_a_kill_to_the_same_bytes(tiny_checkpoints, tmp_path) -> None:
+    """A killed LoRA run resumes from its checkpoint (adapters, head, AdamW, the schedule,
+    dropout's RNG) and ends with the weights of a run that was never interrupted."""
+    from stages.core.engine.checkpoints import Checkpoints
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(stats) -> None:
+        if stats.epoch == 3:
+            raise Killed
+
+    options = replace(OPTIONS, epochs=5, grad_accum=2, grad_clip=1.0, batch_size=8)
+
+    def run(seed: int, **kwargs):
+        torch.manual_seed(seed)  # the fresh head, LoRA's A matrices, dropout
+        model, tokenizer, config = _load(tiny_checkpoints["gpt2"])
+        lora = text.adapt(model, config, "lora", LoraParams(rank=2))
+        data = _data(tokenizer, config.max_length, 40, 6)
+        fit(lora, data, data, options, **kwargs)
+        return {k: v.clone() for k, v in text.merge(lora).state_dict().items()}
+
+    expected = run(0)
+    with pytest.raises(Killed):
+        run(0, on_epoch=kill_at_3, checkpoints=Checkpoints(tmp_path, "k", 2, "finetune"))
+    resumed = run(99, checkpoints=Checkpoints(tmp_path, "k", 2, "finetune"))
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)

@@ -33,6 +33,7 @@ from stages.core.common.errors import ModelError, ParamsError, one_line
 from stages.core.common.io import read_json, write_json
 from stages.core.common.params import LoraParams, ModelParams
 from stages.core.common.telemetry import silence
+from stages.core.engine.training import FitOptions, fit_options, predict_proba
 from stages.core.modeling.tokenization import tokenize
 
 TEXT_META = "pipeline.json"  # beside HF's own config.json, which must keep its name
@@ -75,6 +76,12 @@ class TextModelConfig:
 
     def replace(self, **changes: Any) -> TextModelConfig:
         return TextModelConfig(**(asdict(self) | changes))
+
+
+def text_fit_options(section: dict, **overrides: Any) -> FitOptions:
+    """``fit()``'s options for a text model from a params section (``train``): AdamW, whose
+    decay spares biases and norms, unless ``overrides`` say otherwise."""
+    return fit_options(section, **({"optimizer": "adamw"} | overrides))
 
 
 def _quiet() -> None:
@@ -448,7 +455,5 @@ def predict_texts(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Class probabilities (float64, on the CPU) of raw ``texts``, one row per text."""
-    from stages.core.engine.training import predict_proba
-
     tokens = tokenize(tokenizer, texts, max_length)
     return predict_proba(model, tokens.batches, batch_size)
