@@ -315,3 +315,37 @@ def test_lora_resumes_after_a_kill_to_the_same_bytes(tiny_checkpoints, tmp_path)
     resumed = run(99, checkpoints=Checkpoints(tmp_path, "k", 2, "finetune"))
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_strategy_trains_on_cached_embeddings(tiny_checkpoints, family) -> None:
+    """The frozen body runs once; the head trains on its outputs and, put back in the whole
+    model, scores the val texts as the cached training measured."""
+    torch.manual_seed(0)
+    model, tokenizer, config = _load(tiny_checkpoints[family])
+    text.adapt(model, config, "head")
+    body = {k: v.clone() for k, v in model.hf.base_model.state_dict().items()}
+    train, val = (
+        _data(tokenizer, config.max_length, 96, 7),
+        _data(tokenizer, config.max_length, 32, 8),
+    )
+    cached = text.head_inputs(model, config, val, batch_size=8)
+    assert cached is not None and len(cached) == 32
+    result = text.fit_head_on_embeddings(
+        model, config, train, val, replace(OPTIONS, epochs=30, lr=0.05)
+    )
+    assert result is not None
+    assert result.trainable_parameters == sum(
+        p.numel() for p in model.hf.get_submodule(config.head[0]).parameters()
+    )
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    proba = predict_proba(model, val)
+    accuracy = float((proba.argmax(1) == val.y).float().mean())
+    assert accuracy == pytest.approx(result.history[-1].val_accuracy)
+    assert all(torch.equal(v, body[k]) for k, v in model.hf.base_model.state_dict().items())
+
+
+def test_a_head_of_several_modules_is_not_cached(tiny_checkpoints) -> None:
+    model, tokenizer, config = _load(tiny_checkpoints["bert"])
+    data = _data(tokenizer, config.max_length, 8, 9)
+    assert text.head_inputs(model, config.replace(head=["classifier", "dropout"]), data, 4) is None
