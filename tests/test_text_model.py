@@ -349,3 +349,38 @@ def test_a_head_of_several_modules_is_not_cached(tiny_checkpoints) -> None:
     model, tokenizer, config = _load(tiny_checkpoints["bert"])
     data = _data(tokenizer, config.max_length, 8, 9)
     assert text.head_inputs(model, config.replace(head=["classifier", "dropout"]), data, 4) is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_adapter_form_reloads_with_its_head(tiny_checkpoints, tmp_path, family) -> None:
+    """form both keeps the adapter (head in modules_to_save) beside the merged weights; the
+    adapter on its base predicts what the LoRA model did before saving, and so does the merged
+    form; form adapter alone writes no merged weights and loads as an adapter."""
+    folder = tiny_checkpoints[family]
+    model, tokenizer, config = _load(folder)
+    torch.manual_seed(2)
+    lora = text.adapt(model, config, "lora", LoraParams(rank=4, alpha=8, dropout=0.0))
+    train, val = (
+        _data(tokenizer, config.max_length, 48, 10),
+        _data(tokenizer, config.max_length, 16, 11),
+    )
+    fit(lora, train, val, replace(OPTIONS, epochs=2))
+    expected = predict_proba(lora, val)
+    adapter_state = {k: v.clone() for k, v in lora.hf.state_dict().items()}
+
+    saved = text.save_text_model(tmp_path / "both", lora, tokenizer, config, "both", folder)
+    assert saved.adapter["base"] == str(folder) and saved.weights_sha256
+    assert (tmp_path / "both" / text.ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    adapted, _, _ = text.load_text_model(tmp_path / "both", form="adapter")
+    assert torch.equal(predict_proba(adapted, val), expected)
+    merged, _, _ = text.load_text_model(tmp_path / "both")
+    assert torch.allclose(predict_proba(merged, val), expected, atol=1e-6)
+
+    # The same adapter again, saved alone.
+    model, tokenizer, config = _load(folder)
+    lora = text.adapt(model, config, "lora", LoraParams(rank=4, alpha=8, dropout=0.0))
+    lora.hf.load_state_dict(adapter_state)
+    alone = text.save_text_model(tmp_path / "adapter", lora, tokenizer, config, "adapter", folder)
+    assert alone.weights_sha256 == "" and not (tmp_path / "adapter" / "model.safetensors").exists()
+    reloaded, _, _ = text.load_text_model(tmp_path / "adapter")
+    assert torch.equal(predict_proba(reloaded, val), expected)

@@ -39,6 +39,8 @@ from stages.core.engine.training import FitOptions, FitResult, fit, fit_options,
 from stages.core.modeling.tokenization import tokenize
 
 TEXT_META = "pipeline.json"  # beside HF's own config.json, which must keep its name
+ADAPTER_DIR = "adapter"  # peft's adapter_config.json and adapter_model.safetensors (head included)
+FORMS = ("merged", "adapter", "both")
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_MAX_LENGTH = 512  # model.max_length null: the model's positions, at most this
 # Position embeddings these model types reserve for the padding offset (RoBERTa's ids start
@@ -74,6 +76,9 @@ class TextModelConfig:
     provenance: dict
     trained_on: dict = field(default_factory=dict)
     weights_sha256: str = ""  # of this directory's model.safetensors (set when saved)
+    # The LoRA adapter kept beside (or instead of) the merged weights, in ADAPTER_DIR: the base
+    # checkpoint it adapts (folder), that folder's weights' sha256 and the adapter's own.
+    adapter: dict = field(default_factory=dict)
     format: str = "hf-sequence-classification"
 
     def replace(self, **changes: Any) -> TextModelConfig:
@@ -385,22 +390,48 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def save_text_model(
-    directory: Path | str, model: TextClassifier, tokenizer: Any, config: TextModelConfig
+    directory: Path | str,
+    model: TextClassifier,
+    tokenizer: Any,
+    config: TextModelConfig,
+    form: str = "merged",
+    adapter_base: Path | str | None = None,
 ) -> TextModelConfig:
-    """Write the model (merged first if it holds LoRA adapters) as a Hugging Face checkpoint
-    with its tokenizer and ``TEXT_META``; the directory is replaced as a whole, atomically
-    (written beside it, then renamed into place). Returns the config as written, with the
-    weights' sha256."""
+    """Write the model as a Hugging Face checkpoint with its tokenizer and ``TEXT_META``; the
+    directory is replaced as a whole, atomically (written beside it, then renamed into place).
+    Returns the config as written, with the weights' sha256.
+
+    A LoRA model is merged first (in place). ``form`` ``adapter`` or ``both`` also keeps its
+    adapter, head included, in ``ADAPTER_DIR`` (``adapter`` alone writes no merged weights);
+    ``adapter_base`` is the checkpoint folder the adapter goes on (the base model's).
+    """
+    if form not in FORMS:
+        raise ParamsError(f"finetune.lora.save: unknown form {form!r} ({', '.join(FORMS)})")
+    keeps_adapter = form != "merged" and hasattr(model.hf, "peft_config")
+    if keeps_adapter and adapter_base is None:
+        raise ModelError("saving a LoRA adapter needs the folder of the base it adapts")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
     old = directory.parent / f".{directory.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        if keeps_adapter:  # before merging, which folds the adapters into the weights
+            model.hf.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+            config = config.replace(
+                adapter={
+                    "base": str(adapter_base),
+                    "base_sha256": weights_sha256(Path(adapter_base)),
+                    "sha256": weights_sha256(tmp / ADAPTER_DIR),
+                }
+            )
         hf = merge(model).hf
-        hf.save_pretrained(tmp, safe_serialization=True)
+        if form == "adapter" and keeps_adapter:
+            hf.config.save_pretrained(tmp)
+        else:
+            hf.save_pretrained(tmp, safe_serialization=True)
+            config = config.replace(weights_sha256=weights_sha256(tmp))
         tokenizer.save_pretrained(tmp)
-        config = config.replace(weights_sha256=weights_sha256(tmp))
         write_json(tmp / TEXT_META, asdict(config))
         if directory.exists():
             directory.rename(old)
@@ -419,8 +450,12 @@ def is_text_model(directory: Path | str) -> bool:
     return (Path(directory) / TEXT_META).is_file()
 
 
-def load_text_model(directory: Path | str) -> tuple[TextClassifier, Any, TextModelConfig]:
-    """A saved text model, its tokenizer and config, on the CPU. A missing or unreadable file,
+def load_text_model(
+    directory: Path | str, form: str | None = None
+) -> tuple[TextClassifier, Any, TextModelConfig]:
+    """A saved text model, its tokenizer and config, on the CPU: ``form`` ``merged`` (the
+    default where merged weights exist) or ``adapter`` (the base checkpoint recorded in the
+    metadata with the LoRA adapter and head on it, a peft model). A missing or unreadable file,
     or weights whose sha256 is not the one recorded, is a ModelError naming it."""
     directory = Path(directory)
     meta_path = directory / TEXT_META
@@ -431,12 +466,13 @@ def load_text_model(directory: Path | str) -> tuple[TextClassifier, Any, TextMod
         config = TextModelConfig(**read_json(meta_path))
     except (ValueError, TypeError) as exc:
         raise ModelError(f"{meta_path}: not a text model's metadata ({one_line(exc)})") from None
-    found = weights_sha256(directory)
-    if config.weights_sha256 and found != config.weights_sha256:
-        raise ModelError(
-            f"{directory}: the weights' sha256 {found[:12]}... is not the "
-            f"{config.weights_sha256[:12]}... {TEXT_META} records: the files do not belong together"
-        )
+    if form is None:
+        form = "merged" if config.weights_sha256 else "adapter"
+    if form == "adapter":
+        if not config.adapter:
+            raise ModelError(f"{directory}: holds no LoRA adapter (saved as merged weights)")
+        return _load_adapter(directory, config)
+    _check_sha256(directory, config.weights_sha256, directory)
     _quiet()
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -446,6 +482,36 @@ def load_text_model(directory: Path | str) -> tuple[TextClassifier, Any, TextMod
     except (OSError, ValueError) as exc:
         raise ModelError(f"{directory}: cannot load the checkpoint ({one_line(exc)})") from None
     return TextClassifier(hf), tokenizer, config
+
+
+def _check_sha256(folder: Path, expected: str, named: Path) -> None:
+    found = weights_sha256(folder)
+    if expected and found != expected:
+        raise ModelError(
+            f"{named}: the weights' sha256 {found[:12]}... is not the {expected[:12]}... "
+            f"{TEXT_META} records: the files do not belong together"
+        )
+
+
+def _load_adapter(
+    directory: Path, config: TextModelConfig
+) -> tuple[TextClassifier, Any, TextModelConfig]:
+    base = Path(config.adapter["base"])
+    if not (base / "config.json").is_file():
+        raise ModelError(f"{directory}: the adapter's base checkpoint {base} is not there")
+    _check_sha256(base, config.adapter["base_sha256"], base)
+    _check_sha256(directory / ADAPTER_DIR, config.adapter["sha256"], directory / ADAPTER_DIR)
+    _quiet()
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    # The base's body under this model's config (its classes); the head comes from the adapter.
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        base, config=AutoConfig.from_pretrained(directory), ignore_mismatched_sizes=True
+    )
+    peft_model = PeftModel.from_pretrained(hf, directory / ADAPTER_DIR)
+    return TextClassifier(peft_model), tokenizer, config
 
 
 @torch.no_grad()
