@@ -384,3 +384,17 @@ def test_the_adapter_form_reloads_with_its_head(tiny_checkpoints, tmp_path, fami
     assert alone.weights_sha256 == "" and not (tmp_path / "adapter" / "model.safetensors").exists()
     reloaded, _, _ = text.load_text_model(tmp_path / "adapter")
     assert torch.equal(predict_proba(reloaded, val), expected)
+
+
+def test_scratch_and_body_lr_groups(trained) -> None:
+    model, _, config, _, _ = trained["bert"]
+    scratch, _ = text.with_new_head(model, config, CLASSES, seed=4, keep_body=False)
+    assert not torch.equal(
+        scratch.hf.bert.embeddings.word_embeddings.weight,
+        model.hf.bert.embeddings.word_embeddings.weight,
+    )
+    assert text.optimizer_groups(model, config, None) is None
+    body, head = text.optimizer_groups(model, config, 1e-4)
+    assert body["lr"] == 1e-4 and "lr" not in head
+    assert [p.shape for p in head["params"]] == [(2, 16), (2,)]
+    assert len(body["params"]) + 2 == len(list(model.parameters()))

@@ -283,10 +283,15 @@ def enable_gradient_checkpointing(hf: nn.Module) -> None:
 
 
 def with_new_head(
-    model: TextClassifier, config: TextModelConfig, classes: Sequence[Any], seed: int
+    model: TextClassifier,
+    config: TextModelConfig,
+    classes: Sequence[Any],
+    seed: int,
+    keep_body: bool = True,
 ) -> tuple[TextClassifier, TextModelConfig]:
     """A copy of ``model`` with a fresh, seeded head over ``classes`` (the body's weights
-    copied), as the finetune stage starts from the base model."""
+    copied), as the finetune stage starts from the base model. ``keep_body=False`` gives the
+    same architecture from random weights (the from-scratch baseline)."""
     _quiet()
     from transformers import AutoModelForSequenceClassification
 
@@ -299,12 +304,28 @@ def with_new_head(
     body = {
         key: value for key, value in model.hf.state_dict().items() if key.split(".")[0] not in head
     }
+    if not keep_body:
+        return TextClassifier(fresh), config.replace(classes=list(classes), head=head)
     found = fresh.load_state_dict(body, strict=False)
     if found.unexpected_keys or any(k.split(".")[0] not in head for k in found.missing_keys):
         raise ModelError(f"the body does not fit a new head: {found}")
     if getattr(model.hf, "is_activation_checkpointing", False):
         enable_gradient_checkpointing(fresh)
     return TextClassifier(fresh), config.replace(classes=list(classes), head=head)
+
+
+def optimizer_groups(
+    model: TextClassifier, config: TextModelConfig, body_lr: float | None
+) -> list[dict] | None:
+    """AdamW groups with ``body_lr`` for the pretrained body and the optimizer's lr for the
+    head (strategy full); None (one group) without ``body_lr``."""
+    if body_lr is None:
+        return None
+    head = tuple(f"hf.{name}." for name in config.head)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    body = [p for name, p in trainable if not name.startswith(head)]
+    rest = [p for name, p in trainable if name.startswith(head)]
+    return [{"params": body, "lr": body_lr}, {"params": rest}]
 
 
 def lora_targets(hf: nn.Module, requested: Sequence[str] | None) -> list[str] | str:
