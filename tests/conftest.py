@@ -28,6 +28,8 @@ from stages.core.modeling.model import Classifier, ModelConfig, fit_scaling
 
 # Before any test imports MLflow or Great Expectations, which may read these at import time.
 os.environ.update(QUIET_ENV)
+# The text tests build their checkpoints locally: nothing may come from the Hugging Face hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 # The models under test are tiny: extra intra-op threads only add contention (on a busy 2-core
 # machine a 4-16-3 MLP trains ~20x slower with two threads than with one).
@@ -337,3 +339,13 @@ def finetune_experiment(pristine_repo: Path, pipeline_env: dict, tmp_path_factor
     }
     done = run_command(["dvc", "exp", "run", "-S", "finetune.lr=0.005"], repo, pipeline_env)
     return SimpleNamespace(repo=repo, output=done.stdout, before=before)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A tiny BERT (WordPiece) and GPT-2 (byte-level BPE, no pad token) checkpoint folder,
+    built once per session from configs and tokenizers trained on the tests' own texts."""
+    from tiny_text import build_bert, build_gpt2
+
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    return {"bert": build_bert(root / "bert"), "gpt2": build_gpt2(root / "gpt2")}

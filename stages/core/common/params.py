@@ -173,12 +173,18 @@ class TransformerParams(_Section):
 
 
 class ModelParams(_Section):
-    arch: Literal["mlp", "cnn", "transformer"] = "mlp"
+    arch: Literal["mlp", "cnn", "transformer", "hf"] = "mlp"
     scaling: Literal["global", "per_feature"] = "global"
     hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     cnn: CnnParams = Field(default_factory=CnnParams)
     transformer: TransformerParams = Field(default_factory=TransformerParams)
+    # arch hf: a Hugging Face checkpoint (a local folder, or a hub id pinned by revision).
+    pretrained: str | None = Field(None, min_length=1)
+    revision: str | None = Field(None, min_length=1)
+    max_length: int | None = Field(None, ge=2)  # tokens; None = the model's positions, <= 512
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
 
     @field_validator("hidden")
     @classmethod
@@ -189,10 +195,16 @@ class ModelParams(_Section):
 
     def arch_options(self) -> dict:
         """The chosen arch's own hyperparameters (model.cnn / model.transformer); none for mlp."""
+        if self.arch == "hf":
+            keys = ("pretrained", "revision", "max_length", "trust_remote_code")
+            return {key: getattr(self, key) for key in keys}
         return {} if self.arch == "mlp" else getattr(self, self.arch).model_dump(mode="json")
 
 
 class TrainParams(_Section):
+    # arch hf: classify fine-tunes the checkpoint on the base domain's labels; none takes it
+    # into models/base as it is.
+    objective: Literal["classify", "none"] = "classify"
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.001, gt=0)
@@ -202,7 +214,7 @@ class TrainParams(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     patience: int | None = Field(10, ge=1)
     cpu_threads: int | None = Field(1, ge=1)
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_epochs: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     grad_accum: int = Field(1, ge=1)
@@ -246,7 +258,7 @@ class FinetuneParams(_Section):
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 42
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_epochs: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     grad_accum: int = Field(1, ge=1)
@@ -293,6 +305,17 @@ class Params(_Section):
         if model.arch == "cnn" and shape is None:
             raise ValueError(
                 "model.arch: cnn needs data.image_shape ([H, W] or [C, H, W]), which is null"
+            )
+        if model.arch == "hf" and model.pretrained is None:
+            raise ValueError(
+                "model.arch: hf needs model.pretrained (a checkpoint folder or a hub id)"
+            )
+        if model.arch != "hf" and model.pretrained is not None:
+            raise ValueError(f"model.pretrained applies to arch hf only (arch is {model.arch})")
+        if self.train.objective != "classify" and model.arch != "hf":
+            raise ValueError(
+                f"train.objective: {self.train.objective} needs model.arch: hf (arch is "
+                f"{model.arch}); the other archs train from scratch (classify)"
             )
         patch = model.transformer.patch_size
         if (
