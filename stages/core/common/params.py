@@ -219,6 +219,10 @@ class TrainParams(_Section):
     grad_clip: float | None = Field(None, gt=0)
     grad_accum: int = Field(1, ge=1)
     compile: bool = False
+    # adamw decays only weights of 2+ dimensions (not biases or norms): what pretrained
+    # transformers are fine-tuned with.
+    optimizer: Literal["adam", "adamw"] = "adam"
+    eval_batch_size: int | None = Field(None, ge=1)  # token batches; None = batch_size
     checkpoint_every: int | None = Field(5, ge=1)
     nproc: int = Field(1, ge=1)
     nnodes: int = Field(1, ge=1)
