@@ -71,6 +71,18 @@ def test_pyfunc_model_predicts_labels_from_raw_rows(saved_model, logged_uri: str
     assert list(loaded.predict(shuffled)) == frame["expected"].tolist()
 
 
+def test_pyfunc_labels_keep_the_input_index(saved_model, logged_uri: str) -> None:
+    """A filtered frame (index 5, 9, 17, ...): each label lands on its own row."""
+    import mlflow.pyfunc
+
+    _, _, frame = saved_model
+    rows = frame.iloc[[5, 9, 17, 3]]
+    labels = mlflow.pyfunc.load_model(logged_uri).predict(rows[FEATURES])
+    assert list(labels.index) == [5, 9, 17, 3]
+    assigned = rows.assign(pred=labels)
+    assert assigned["pred"].tolist() == rows["expected"].tolist()
+
+
 def test_pyfunc_model_gives_probabilities(saved_model, logged_uri: str) -> None:
     import mlflow.pyfunc
 
