@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -299,3 +302,50 @@ def test_unreachable_server_is_one_line_naming_it(monkeypatch) -> None:
     assert "\n" not in message
     assert message.startswith(f"tracking: {uri}: connection refused (is the server running?) ")
     assert "unset MLFLOW_TRACKING_URI" in message and "PIPELINE_TRACKING=off" in message
+
+
+# --- The parent run of a DVC execution --------------------------------------------------------
+
+
+def under_dvc(tmp_path: Path, script: str, mlflow_uri: str, **kwargs) -> subprocess.Popen:
+    """Run ``script`` in a Python process whose parent is a program named ``dvc`` (a stand-in
+    for `dvc repro`, found the way execution_key finds DVC: by its command line), in
+    ``tmp_path``; one execution per call."""
+    from conftest import REPO_ROOT
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    dvc = bin_dir / "dvc"
+    dvc.write_text(
+        f"#!{sys.executable}\n"
+        "import subprocess, sys\n"
+        "sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)\n"
+    )
+    dvc.chmod(0o755)
+    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow_uri, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen(
+        [str(dvc), script], cwd=tmp_path, env=env, text=True, start_new_session=True, **kwargs
+    )
+
+
+def parent_of(client, run_id: str):
+    return client.get_run(client.get_run(run_id).data.tags["mlflow.parentRunId"])
+
+
+def test_the_parent_records_the_params_it_is_given(tmp_path, mlflow_uri, mlflow_client) -> None:
+    """Every param the stage passes lands on the execution's parent; tracking reads no
+    params.yaml (the one here says otherwise)."""
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 999\n")
+    script = (
+        "from stages.core.tracking.runs import stage_run\n"
+        f"every = {{**{SECTIONS!r}, 'split': {{'seed': 7}}}}\n"
+        f"with stage_run('train', {TEST_EXPERIMENT!r}, {{}}, pipeline_params=every) as run:\n"
+        "    print(run.id, flush=True)\n"
+    )
+    done = under_dvc(tmp_path, script, mlflow_uri, stdout=subprocess.PIPE)
+    out, _ = done.communicate(timeout=120)
+    assert done.returncode == 0
+    parent = parent_of(mlflow_client, out.split()[-1])
+    assert parent.data.tags["pipeline.role"] == "parent"
+    assert parent.data.params == LOGGED_PARAMS | {"split.seed": "7"}
+    assert parent.info.status == "FINISHED"

@@ -71,8 +71,12 @@ class Recorder:
         params: dict[str, Any],
         resume_key: str | None = None,
         resuming: bool = False,
+        pipeline_params: Mapping[str, Any] | None = None,
     ) -> None:
         """Start the stage's run and log its params; tagged ``resume.key`` with ``resume_key``.
+
+        ``pipeline_params``: every param of the execution (params.yaml as the stage loaded
+        it), which the execution's parent records when this stage is the first to run.
 
         ``resuming``: the stage resumes a checkpoint; the run it was logging to, the newest run
         of this stage with the same key, continues (a new run when the store has none).
@@ -91,7 +95,7 @@ class Recorder:
         self.stage = stage
         key = execution_key()
         if key is not None:
-            self.parent_id = self._parent(key)
+            self.parent_id = self._parent(key, pipeline_params or {})
         if resuming and resume_key:
             self.run_id = self._resumable(resume_key)
         if self.run_id is not None:
@@ -140,10 +144,8 @@ class Recorder:
             tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
         return tags
 
-    def _parent(self, key: str) -> str:
-        """This execution's parent run, created by its first stage."""
-        from stages.core.common.params import load_params
-
+    def _parent(self, key: str, pipeline_params: Mapping[str, Any]) -> str:
+        """This execution's parent run, created by its first stage with ``pipeline_params``."""
         found = self.client.search_runs(
             [self.experiment_id], f"tags.`pipeline.execution` = '{key}'", max_results=1
         )
@@ -153,7 +155,7 @@ class Recorder:
         name = f"{os.environ.get('DVC_EXP_NAME') or 'workspace'}@{tags.get('git.commit', '')[:7]}"
         tags |= {"pipeline.execution": key, "pipeline.role": "parent"}
         parent = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        self._log_params(parent.info.run_id, load_params().model_dump(mode="json", by_alias=True))
+        self._log_params(parent.info.run_id, pipeline_params)
         if Path("params.yaml").is_file():
             self.client.log_artifact(parent.info.run_id, "params.yaml")
         return parent.info.run_id
