@@ -16,7 +16,7 @@ from stages.core.common.errors import DataError, TrackingError
 from stages.core.engine.training import EpochStats
 from stages.core.tracking.recorder import flatten
 from stages.core.tracking.runs import stage_run
-from stages.core.tracking.store import ensure_experiment, repo_root, tracking_uri
+from stages.core.tracking.store import ensure_experiment, redact, repo_root, tracking_uri
 
 SECTIONS = {
     "train": {"lr": 0.01, "epochs": 3, "patience": None, "device": "auto"},
@@ -302,6 +302,50 @@ def test_unreachable_server_is_one_line_naming_it(monkeypatch) -> None:
     assert "\n" not in message
     assert message.startswith(f"tracking: {uri}: connection refused (is the server running?) ")
     assert "unset MLFLOW_TRACKING_URI" in message and "PIPELINE_TRACKING=off" in message
+
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("https://user:token@host/api", "https://***@host/api"),
+        ("http://token@127.0.0.1:5000", "http://***@127.0.0.1:5000"),
+        ("postgresql://u:p%40ss@db:5432/x", "postgresql://***@db:5432/x"),
+        ("a http://u:p@h1 and https://v:q@h2/p", "a http://***@h1 and https://***@h2/p"),
+        ("tracking: https://u:tok@h: refused", "tracking: https://***@h: refused"),
+        ("https://host:5000/path", "https://host:5000/path"),
+        ("sqlite:////data/at@home/mlflow.db", "sqlite:////data/at@home/mlflow.db"),
+        ("http://host/run?user=a@b", "http://host/run?user=a@b"),
+        ("write to a@b.example", "write to a@b.example"),
+    ],
+)
+def test_redact_hides_the_user_info_of_uris(text: str, shown: str) -> None:
+    assert redact(text) == shown
+
+
+def test_unreachable_server_with_credentials_keeps_them_out_of_the_line(monkeypatch) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:s3cret@127.0.0.1:{port}")
+    with (
+        pytest.raises(TrackingError) as caught,
+        stage_run("ingest", "nowhere", {}, background=True) as run,
+    ):
+        run.log_metrics({"rows": 1})
+    message = str(caught.value)
+    assert message.startswith(f"tracking: http://***@127.0.0.1:{port}: connection refused ")
+    assert "s3cret" not in message and "user" not in message
+
+
+def test_a_url_param_is_logged_without_its_token(mlflow_client) -> None:
+    source = {"data": {"source": "https://me:tok3n@example.org/rows.csv"}}
+    with stage_run("ingest", TEST_EXPERIMENT, source) as run:
+        pass
+    params = mlflow_client.get_run(run.id).data.params
+    assert params == {"data.source": "https://***@example.org/rows.csv"}
 
 
 # --- The parent run of a DVC execution --------------------------------------------------------

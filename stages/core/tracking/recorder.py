@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stages.core.tracking.store import ensure_experiment, tracking_uri
+from stages.core.tracking.store import ensure_experiment, redact, tracking_uri
 
 # MLflow caps one log_batch call at 1000 metrics.
 MAX_METRICS_PER_CALL = 1000
@@ -38,8 +38,9 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def param_value(value: Any) -> str:
-    """How a param reads in MLflow: ``null`` for None, else its text (lists as ``[128, 64]``)."""
-    return "null" if value is None else str(value)
+    """How a param reads in MLflow: ``null`` for None, else its text (lists as ``[128, 64]``),
+    with the user-info part of any URI in it redacted (a ``data.source`` URL with a token)."""
+    return "null" if value is None else redact(str(value))
 
 
 class Recorder:

@@ -4,6 +4,7 @@ fails."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from stages.core.common.telemetry import silence
@@ -17,6 +18,18 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TI
 QUIET_DEFAULTS = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 for _key, _value in (HTTP_DEFAULTS | QUIET_DEFAULTS).items():
     os.environ.setdefault(_key, _value)
+
+
+# The user-info part of a URI (``scheme://user:token@host``): everything between ``//`` and the
+# first ``@`` before the host ends (no ``/``, ``?``, ``#`` or blank in between).
+_USER_INFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user-info part of every URI in it replaced by ``***``, so that a token
+    in ``MLFLOW_TRACKING_URI`` (``https://user:token@host``) never reaches a log:
+    ``https://***@host``. Text without such a part comes back unchanged."""
+    return _USER_INFO.sub(r"\g<scheme>***@", text)
 
 
 def repo_root() -> Path:
@@ -97,7 +110,8 @@ def describe_failure(exc: BaseException) -> str:
     if reason is None:
         first = next((line.strip() for line in text.splitlines() if line.strip()), "")
         reason = f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
-    return (
+    # The whole line, for MLflow's own messages may quote the URI too.
+    return redact(
         f"tracking: {tracking_uri()}: {reason} (to run without it: unset "
         "MLFLOW_TRACKING_URI to log to the local mlflow.db, or set PIPELINE_TRACKING=off)"
     )
