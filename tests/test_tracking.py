@@ -304,7 +304,6 @@ def test_unreachable_server_is_one_line_naming_it(monkeypatch) -> None:
     assert "unset MLFLOW_TRACKING_URI" in message and "PIPELINE_TRACKING=off" in message
 
 
-
 @pytest.mark.parametrize(
     ("text", "shown"),
     [
