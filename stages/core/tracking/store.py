@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from stages.core.common.telemetry import silence
@@ -56,6 +58,19 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri()
 
 
+@contextmanager
+def local_store_lock() -> Iterator[None]:
+    """Hold the local store's file lock while the block runs (nothing for any other store):
+    parallel executions on one machine (`dvc queue start -j 2`) then take turns."""
+    if tracking_uri() != local_store_uri():
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(repo_root() / ".mlflow.db.lock"):
+        yield
+
+
 def ensure_experiment(name: str) -> str:
     """The experiment's id, creating it (and the store's schema) when missing."""
     from mlflow import MlflowClient
@@ -64,11 +79,9 @@ def ensure_experiment(name: str) -> str:
     client = MlflowClient(uri)
     if uri != local_store_uri():
         return _get_or_create_experiment(client, name, None)
-    from filelock import FileLock
-
     # Queued experiments (`dvc queue start -j 2`) may start on a fresh store at once: one
     # process creates the schema and the experiment while the others wait.
-    with FileLock(repo_root() / ".mlflow.db.lock"):
+    with local_store_lock():
         # Artifacts of the local store sit beside it, not under whichever directory DVC ran in.
         return _get_or_create_experiment(client, name, (repo_root() / "mlartifacts").as_uri())
 
