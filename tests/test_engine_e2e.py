@@ -62,6 +62,15 @@ def train_runs(repo: Path) -> list:
     return [r for r in runs if r.data.params.get("model.arch") == "transformer"]
 
 
+def running_runs(repo: Path) -> list[str]:
+    """The names of the runs in the repo's store that are still RUNNING."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.run_name for r in client.search_runs(ids, "attributes.status = 'RUNNING'")]
+
+
 def kill_when_checkpointed(repo: Path, env: dict) -> str:
     """Start `dvc repro train`, SIGKILL its whole process group once a checkpoint is on disk;
     return what it printed."""
@@ -104,6 +113,8 @@ def test_killed_train_resumes_to_the_same_bytes_and_mlflow_run(repo: Path, env: 
     assert run_after.info.run_id == killed_run.info.run_id
     assert run_after.info.status == "FINISHED"
     assert "best_val_accuracy" in run_after.data.metrics
+    # Nothing is left RUNNING: the killed execution's parent, whose worker died with it, ends.
+    assert running_runs(repo) == []
     resumed_weights = weights(repo)
 
     # The same stage, uninterrupted (forced: DVC would otherwise restore its cached output).

@@ -392,3 +392,48 @@ def test_the_parent_records_the_params_it_is_given(tmp_path, mlflow_uri, mlflow_
     assert parent.data.tags["pipeline.role"] == "parent"
     assert parent.data.params == LOGGED_PARAMS | {"split.seed": "7"}
     assert parent.info.status == "FINISHED"
+
+
+def test_a_killed_and_resumed_stage_leaves_no_run_running(
+    tmp_path, mlflow_uri, mlflow_client
+) -> None:
+    """An execution SIGKILLed with its stage (and the stage's tracking): the next execution
+    resumes the stage's run under its own parent, and the killed execution's parent ends
+    KILLED instead of staying RUNNING."""
+    import signal
+
+    key = uuid.uuid4().hex
+
+    def script(resuming: bool) -> str:
+        return (
+            "import os, signal\n"
+            "from stages.core.tracking.runs import stage_run\n"
+            f"with stage_run('train', {TEST_EXPERIMENT!r}, {{}}, {key!r}, {resuming}) as run:\n"
+            "    print(run.id, flush=True)\n"
+        )
+
+    # The stage, its tracking worker and dvc die at once (`kill -9` of the process group).
+    killed_script = script(resuming=False) + "    os.killpg(0, signal.SIGKILL)\n"
+    killed = under_dvc(tmp_path, killed_script, mlflow_uri, stdout=subprocess.PIPE)
+    out, _ = killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    run_id = out.split()[-1]
+    first_parent = parent_of(mlflow_client, run_id)
+    assert first_parent.info.status == "RUNNING"  # nothing was left to end it
+
+    resumed = under_dvc(tmp_path, script(resuming=True), mlflow_uri, stdout=subprocess.PIPE)
+    out, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0
+    assert out.split()[-1] == run_id  # the killed run continued
+    run = mlflow_client.get_run(run_id)
+    second_parent = parent_of(mlflow_client, run_id)
+    assert second_parent.info.run_id != first_parent.info.run_id
+    assert second_parent.data.tags["run.train"] == run_id
+    first_parent = mlflow_client.get_run(first_parent.info.run_id)
+    statuses = {r.info.run_id: r.info.status for r in (run, first_parent, second_parent)}
+    assert statuses == {
+        run_id: "FINISHED",
+        first_parent.info.run_id: "KILLED",
+        second_parent.info.run_id: "FINISHED",
+    }
+    assert first_parent.info.end_time is not None

@@ -100,6 +100,7 @@ class Recorder:
         if resuming and resume_key:
             self.run_id = self._resumable(resume_key)
         if self.run_id is not None:
+            self._adopt_resumed_run()
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             tags = {"stage": stage, **self.context_tags()}
@@ -122,6 +123,22 @@ class Recorder:
             order_by=["attributes.start_time DESC"],
         )
         return found[0].info.run_id if found else None
+
+    def _adopt_resumed_run(self) -> None:
+        """The resumed run joins this execution's parent; the parent it had, that of the
+        execution killed with it (its worker died too, so nothing ended it), ends as KILLED
+        once its DVC process is gone, instead of staying RUNNING forever."""
+        from stages.core.tracking.lineage import execution_alive
+
+        earlier = self.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
+        if earlier is None or earlier == self.parent_id:
+            return
+        if self.parent_id:
+            self.client.set_tag(self.run_id, "mlflow.parentRunId", self.parent_id)
+        previous = self.client.get_run(earlier)
+        key = previous.data.tags.get("pipeline.execution")
+        if previous.info.status == "RUNNING" and not execution_alive(key):
+            self.client.set_terminated(earlier, "KILLED")
 
     def context_tags(self) -> dict[str, str]:
         """The commit (a DVC experiment's baseline), whether the code or params differ from it,
