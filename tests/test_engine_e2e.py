@@ -87,6 +87,10 @@ def kill_when_checkpointed(repo: Path, env: dict) -> str:
     deadline = time.monotonic() + TIMEOUT
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    # The tracking worker logs in the background: on a busy machine the stage may checkpoint
+    # before its run is in the store. Kill once it is, as a real kill mid-run finds it.
+    while not train_runs(repo) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     os.killpg(process.pid, signal.SIGKILL)
     output, _ = process.communicate(timeout=60)  # reaps dvc: its locks then count as stale
     assert checkpoint.exists(), output
