@@ -1,10 +1,11 @@
-"""Open the project's MLflow UI on its runs table: prints the address, then serves the local store.
+"""Open the project's MLflow UI on its runs table: prints the address, then serves the store.
 
     .venv/bin/python -m scripts.mlflow_ui [--port 5000]      (or: make ui)
 
 MLflow 3's UI opens an experiment on its GenAI overview by default; the address printed here
 carries `?workflowType=machine_learning`, which opens the "Model training" view and its runs
-table: one parent row per pipeline execution, its stage runs nested under it. With
+table: one parent row per pipeline execution, its stage runs nested under it. The store is the
+stages' own: MLFLOW_TRACKING_URI (another SQLite file, a folder), else the repo's mlflow.db. With
 MLFLOW_TRACKING_URI set to a server, it prints that server's address and serves nothing.
 """
 
@@ -16,12 +17,28 @@ import sys
 from pathlib import Path
 
 from stages.core.common.params import load_params
-from stages.core.tracking.store import ensure_experiment, local_store_uri, repo_root, tracking_uri
+from stages.core.tracking.store import (
+    ensure_experiment,
+    local_store_uri,
+    redact,
+    repo_root,
+    tracking_uri,
+)
 
 
 def runs_table_url(base: str, experiment_id: str) -> str:
     """The address of an experiment's runs table in the Model training view."""
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def ui_command(host: str, port: int) -> list[str]:
+    """The `mlflow ui` command line that serves the store the stages log to (tracking_uri()):
+    the repo's mlflow.db with its artifacts beside it, or the store MLFLOW_TRACKING_URI names."""
+    uri = tracking_uri()
+    command = [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", uri]
+    if uri == local_store_uri():
+        command += ["--default-artifact-root", (repo_root() / "mlartifacts").as_uri()]
+    return command + ["--host", host, "--port", str(port)]
 
 
 def main() -> None:
@@ -31,20 +48,14 @@ def main() -> None:
     args = parser.parse_args()
     experiment_id = ensure_experiment(load_params().tracking.experiment)
     uri = tracking_uri()
-    if uri.startswith("http"):
-        print(runs_table_url(uri, experiment_id))
+    if uri.startswith(("http://", "https://")):
+        # A server's address, less any credentials in it (the browser asks for its own).
+        print(runs_table_url(redact(uri), experiment_id))
         return
     print(f"MLflow UI: {runs_table_url(f'http://{args.host}:{args.port}', experiment_id)}")
-    print("(Ctrl-C stops it)", flush=True)
-    mlflow = Path(sys.executable).with_name("mlflow")
-    os.execv(
-        mlflow,
-        [
-            str(mlflow), "ui", "--backend-store-uri", local_store_uri(),
-            "--default-artifact-root", (repo_root() / "mlartifacts").as_uri(),
-            "--host", args.host, "--port", str(args.port),
-        ],
-    )  # fmt: skip
+    print(f"(serving {redact(uri)}; Ctrl-C stops it)", flush=True)
+    command = ui_command(args.host, args.port)
+    os.execv(command[0], command)
 
 
 if __name__ == "__main__":

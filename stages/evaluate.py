@@ -36,7 +36,7 @@ from stages.core.tracking.runs import stage_run
 def main() -> None:
     params = load_params()
     sections = {key: params.section(key) for key in ("evaluate", "finetune", "model")}
-    with stage_run("evaluate", params.tracking.experiment, sections) as run:
+    with stage_run("evaluate", params.tracking.experiment, sections, pipeline_params=params) as run:
         test_path = layout.split_path("target", "test")
         base_test = pd.read_parquet(layout.split_path("base", "test"))
         for role in ("base", "target"):

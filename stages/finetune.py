@@ -44,7 +44,7 @@ def main() -> None:
     resumed = checkpoints.latest() is not None
     experiment = params.tracking.experiment
     key = checkpoints.fingerprint
-    with stage_run("finetune", experiment, sections, key, resumed) as run:
+    with stage_run("finetune", experiment, sections, key, resumed, pipeline_params=params) as run:
         started = time.perf_counter()
         base, base_config = load_model(layout.BASE_MODEL)
         run.log_dataset(layout.split_path("target", "train"), "training")

@@ -24,7 +24,7 @@ def main() -> None:
         "data": params.section("data"),
         "validate": {"feature_range": params.section("validate")["feature_range"]},
     }
-    with stage_run("ingest", params.tracking.experiment, sections) as run:
+    with stage_run("ingest", params.tracking.experiment, sections, pipeline_params=params) as run:
         source = load_source(params.data)
         raw = build_raw_dataset(source, params.data, params.validate_.feature_range)
         skipped = skipped_columns(source, params.data)

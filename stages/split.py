@@ -25,7 +25,7 @@ from stages.core.tracking.runs import stage_run
 def main() -> None:
     params = load_params()
     sections = {"data": params.section("data"), "split": params.section("split")}
-    with stage_run("split", params.tracking.experiment, sections) as run:
+    with stage_run("split", params.tracking.experiment, sections, pipeline_params=params) as run:
         clean = pd.read_parquet(layout.CLEAN)
         features = [c for c in clean.columns if c not in RESERVED]
         domains = {"base": params.data.base_domain, "target": params.data.target_domain}

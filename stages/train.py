@@ -60,7 +60,9 @@ def train(params: Params, world: World) -> None:
     # Only rank 0 logs: the other workers train their shard and write nothing.
     key = checkpoints.fingerprint
     tracking = (
-        stage_run("train", params.tracking.experiment, sections, key, resumed)
+        stage_run(
+            "train", params.tracking.experiment, sections, key, resumed, pipeline_params=params
+        )
         if world.is_main
         else nullcontext()
     )

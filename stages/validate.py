@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     suite = load_suite(params.validate_.suite) if params.validate_.suite else None
     sections = {"data": params.section("data"), "validate": params.section("validate")}
-    with stage_run("validate", params.tracking.experiment, sections) as run:
+    with stage_run("validate", params.tracking.experiment, sections, pipeline_params=params) as run:
         raw = read_raw()
         features = params.data.features or [c for c in raw.columns if c not in RESERVED]
         result = gate(raw, features, params.validate_, domains, suite)

@@ -62,6 +62,15 @@ def train_runs(repo: Path) -> list:
     return [r for r in runs if r.data.params.get("model.arch") == "transformer"]
 
 
+def running_runs(repo: Path) -> list[str]:
+    """The names of the runs in the repo's store that are still RUNNING."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.run_name for r in client.search_runs(ids, "attributes.status = 'RUNNING'")]
+
+
 def kill_when_checkpointed(repo: Path, env: dict) -> str:
     """Start `dvc repro train`, SIGKILL its whole process group once a checkpoint is on disk;
     return what it printed."""
@@ -78,6 +87,10 @@ def kill_when_checkpointed(repo: Path, env: dict) -> str:
     deadline = time.monotonic() + TIMEOUT
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    # The tracking worker logs in the background: on a busy machine the stage may checkpoint
+    # before its run is in the store. Kill once it is, as a real kill mid-run finds it.
+    while not train_runs(repo) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     os.killpg(process.pid, signal.SIGKILL)
     output, _ = process.communicate(timeout=60)  # reaps dvc: its locks then count as stale
     assert checkpoint.exists(), output
@@ -104,6 +117,8 @@ def test_killed_train_resumes_to_the_same_bytes_and_mlflow_run(repo: Path, env: 
     assert run_after.info.run_id == killed_run.info.run_id
     assert run_after.info.status == "FINISHED"
     assert "best_val_accuracy" in run_after.data.metrics
+    # Nothing is left RUNNING: the killed execution's parent, whose worker died with it, ends.
+    assert running_runs(repo) == []
     resumed_weights = weights(repo)
 
     # The same stage, uninterrupted (forced: DVC would otherwise restore its cached output).

@@ -421,16 +421,18 @@ def test_first_make_pipeline_on_a_fresh_clone_fills_mlflow(
 def test_a_stage_stops_in_one_line_when_the_server_is_down(
     pipeline_repo: Path, pipeline_env: dict
 ) -> None:
-    """Refused connections: the stage fails with one line naming the URI and how to run
-    without the server, and DVC records nothing for it."""
-    uri = f"http://127.0.0.1:{free_port()}"
+    """Refused connections: the stage fails with one line naming the URI (less the
+    credentials in it) and how to run without the server, and DVC records nothing for it."""
+    port = free_port()
     lock_before = (pipeline_repo / "dvc.lock").read_text()
-    env = pipeline_env | {"MLFLOW_TRACKING_URI": uri}
+    env = pipeline_env | {"MLFLOW_TRACKING_URI": f"http://user:s3cret@127.0.0.1:{port}"}
     failed = run_command(["dvc", "repro", "-f", "-s", "split"], pipeline_repo, env, check=False)
     assert failed.returncode != 0
     errors = [line for line in failed.stderr.splitlines() if line.startswith("split: error:")]
     assert len(errors) == 1 and "Traceback" not in failed.stderr
-    assert errors[0].startswith(f"split: error: tracking: {uri}: connection refused ")
+    shown = f"http://***@127.0.0.1:{port}"
+    assert errors[0].startswith(f"split: error: tracking: {shown}: connection refused ")
+    assert "s3cret" not in failed.stderr + failed.stdout
     assert "PIPELINE_TRACKING=off" in errors[0]
     assert (pipeline_repo / "dvc.lock").read_text() == lock_before
 

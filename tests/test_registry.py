@@ -71,6 +71,18 @@ def test_pyfunc_model_predicts_labels_from_raw_rows(saved_model, logged_uri: str
     assert list(loaded.predict(shuffled)) == frame["expected"].tolist()
 
 
+def test_pyfunc_labels_keep_the_input_index(saved_model, logged_uri: str) -> None:
+    """A filtered frame (index 5, 9, 17, ...): each label lands on its own row."""
+    import mlflow.pyfunc
+
+    _, _, frame = saved_model
+    rows = frame.iloc[[5, 9, 17, 3]]
+    labels = mlflow.pyfunc.load_model(logged_uri).predict(rows[FEATURES])
+    assert list(labels.index) == [5, 9, 17, 3]
+    assigned = rows.assign(pred=labels)
+    assert assigned["pred"].tolist() == rows["expected"].tolist()
+
+
 def test_pyfunc_model_gives_probabilities(saved_model, logged_uri: str) -> None:
     import mlflow.pyfunc
 
@@ -144,3 +156,70 @@ def test_champion_moves_only_for_a_better_model_that_passed(logged_uri: str) -> 
     assert champion.tags["finetuned.accuracy"] == "0.900000"
     assert champion.tags["gates"] == "passed"
     assert client.get_model_version(name, "1").tags["git.commit"] == "abc"
+
+
+class _Racer:
+    """A real client on the test store whose first move of the champion waits until the other
+    promotion has also read the champion and decided (a barrier), and, for the promotion told
+    to go last, until the other one has moved it."""
+
+    def __init__(self, barrier, after=None, then=None) -> None:
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient()
+        self._barrier, self._after, self._then = barrier, after, then
+        self._moved = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def set_registered_model_alias(self, name: str, alias: str, version) -> None:
+        first = alias == CHAMPION and not self._moved
+        if first:
+            self._moved = True
+            self._barrier.wait(timeout=60)
+            if self._after is not None:
+                assert self._after.wait(timeout=60)
+        self._client.set_registered_model_alias(name, alias, version)
+        if first and self._then is not None:
+            self._then.set()
+
+
+def test_racing_promotions_leave_the_better_model_champion(logged_uri: str) -> None:
+    """Two evaluate stages promote at once (`dvc queue start -j 2`): both read the champion
+    before either moves it, and the worse one moves it last; the better one ends champion."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    register_candidate(client, name, logged_uri, 0.50, [], {})  # version 1, the champion
+    worse = create_version(client, name, logged_uri, {"gates": "pending"})
+    better = create_version(client, name, logged_uri, {"gates": "pending"})
+    barrier, better_moved = threading.Barrier(2), threading.Event()
+    racers = {
+        worse: (_Racer(barrier, after=better_moved), 0.80),
+        better: (_Racer(barrier, then=better_moved), 0.90),
+    }
+    errors: list[BaseException] = []
+
+    def promote(version: int) -> None:
+        racer, accuracy = racers[version]
+        try:
+            move_aliases(racer, name, version, accuracy, [])
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+            barrier.abort()
+            better_moved.set()
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in (worse, better)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert all(racer._moved for racer, _ in racers.values())  # both did move it
+    champion = client.get_model_version_by_alias(name, CHAMPION)
+    assert int(champion.version) == better
+    assert champion.tags["finetuned.accuracy"] == "0.900000"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from stages.core.common.errors import DataError, TrackingError
 from stages.core.engine.training import EpochStats
 from stages.core.tracking.recorder import flatten
 from stages.core.tracking.runs import stage_run
-from stages.core.tracking.store import ensure_experiment, repo_root, tracking_uri
+from stages.core.tracking.store import ensure_experiment, redact, repo_root, tracking_uri
 
 SECTIONS = {
     "train": {"lr": 0.01, "epochs": 3, "patience": None, "device": "auto"},
@@ -299,3 +302,138 @@ def test_unreachable_server_is_one_line_naming_it(monkeypatch) -> None:
     assert "\n" not in message
     assert message.startswith(f"tracking: {uri}: connection refused (is the server running?) ")
     assert "unset MLFLOW_TRACKING_URI" in message and "PIPELINE_TRACKING=off" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("https://user:token@host/api", "https://***@host/api"),
+        ("http://token@127.0.0.1:5000", "http://***@127.0.0.1:5000"),
+        ("postgresql://u:p%40ss@db:5432/x", "postgresql://***@db:5432/x"),
+        ("a http://u:p@h1 and https://v:q@h2/p", "a http://***@h1 and https://***@h2/p"),
+        ("tracking: https://u:tok@h: refused", "tracking: https://***@h: refused"),
+        ("https://host:5000/path", "https://host:5000/path"),
+        ("sqlite:////data/at@home/mlflow.db", "sqlite:////data/at@home/mlflow.db"),
+        ("http://host/run?user=a@b", "http://host/run?user=a@b"),
+        ("write to a@b.example", "write to a@b.example"),
+    ],
+)
+def test_redact_hides_the_user_info_of_uris(text: str, shown: str) -> None:
+    assert redact(text) == shown
+
+
+def test_unreachable_server_with_credentials_keeps_them_out_of_the_line(monkeypatch) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:s3cret@127.0.0.1:{port}")
+    with (
+        pytest.raises(TrackingError) as caught,
+        stage_run("ingest", "nowhere", {}, background=True) as run,
+    ):
+        run.log_metrics({"rows": 1})
+    message = str(caught.value)
+    assert message.startswith(f"tracking: http://***@127.0.0.1:{port}: connection refused ")
+    assert "s3cret" not in message and "user" not in message
+
+
+def test_a_url_param_is_logged_without_its_token(mlflow_client) -> None:
+    source = {"data": {"source": "https://me:tok3n@example.org/rows.csv"}}
+    with stage_run("ingest", TEST_EXPERIMENT, source) as run:
+        pass
+    params = mlflow_client.get_run(run.id).data.params
+    assert params == {"data.source": "https://***@example.org/rows.csv"}
+
+
+# --- The parent run of a DVC execution --------------------------------------------------------
+
+
+def under_dvc(tmp_path: Path, script: str, mlflow_uri: str, **kwargs) -> subprocess.Popen:
+    """Run ``script`` in a Python process whose parent is a program named ``dvc`` (a stand-in
+    for `dvc repro`, found the way execution_key finds DVC: by its command line), in
+    ``tmp_path``; one execution per call."""
+    from conftest import REPO_ROOT
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    dvc = bin_dir / "dvc"
+    dvc.write_text(
+        f"#!{sys.executable}\n"
+        "import subprocess, sys\n"
+        "sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)\n"
+    )
+    dvc.chmod(0o755)
+    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow_uri, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen(
+        [str(dvc), script], cwd=tmp_path, env=env, text=True, start_new_session=True, **kwargs
+    )
+
+
+def parent_of(client, run_id: str):
+    return client.get_run(client.get_run(run_id).data.tags["mlflow.parentRunId"])
+
+
+def test_the_parent_records_the_params_it_is_given(tmp_path, mlflow_uri, mlflow_client) -> None:
+    """Every param the stage passes lands on the execution's parent; tracking reads no
+    params.yaml (the one here says otherwise)."""
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 999\n")
+    script = (
+        "from stages.core.tracking.runs import stage_run\n"
+        f"every = {{**{SECTIONS!r}, 'split': {{'seed': 7}}}}\n"
+        f"with stage_run('train', {TEST_EXPERIMENT!r}, {{}}, pipeline_params=every) as run:\n"
+        "    print(run.id, flush=True)\n"
+    )
+    done = under_dvc(tmp_path, script, mlflow_uri, stdout=subprocess.PIPE)
+    out, _ = done.communicate(timeout=120)
+    assert done.returncode == 0
+    parent = parent_of(mlflow_client, out.split()[-1])
+    assert parent.data.tags["pipeline.role"] == "parent"
+    assert parent.data.params == LOGGED_PARAMS | {"split.seed": "7"}
+    assert parent.info.status == "FINISHED"
+
+
+def test_a_killed_and_resumed_stage_leaves_no_run_running(
+    tmp_path, mlflow_uri, mlflow_client
+) -> None:
+    """An execution SIGKILLed with its stage (and the stage's tracking): the next execution
+    resumes the stage's run under its own parent, and the killed execution's parent ends
+    KILLED instead of staying RUNNING."""
+    import signal
+
+    key = uuid.uuid4().hex
+
+    def script(resuming: bool) -> str:
+        return (
+            "import os, signal\n"
+            "from stages.core.tracking.runs import stage_run\n"
+            f"with stage_run('train', {TEST_EXPERIMENT!r}, {{}}, {key!r}, {resuming}) as run:\n"
+            "    print(run.id, flush=True)\n"
+        )
+
+    # The stage, its tracking worker and dvc die at once (`kill -9` of the process group).
+    killed_script = script(resuming=False) + "    os.killpg(0, signal.SIGKILL)\n"
+    killed = under_dvc(tmp_path, killed_script, mlflow_uri, stdout=subprocess.PIPE)
+    out, _ = killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    run_id = out.split()[-1]
+    first_parent = parent_of(mlflow_client, run_id)
+    assert first_parent.info.status == "RUNNING"  # nothing was left to end it
+
+    resumed = under_dvc(tmp_path, script(resuming=True), mlflow_uri, stdout=subprocess.PIPE)
+    out, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0
+    assert out.split()[-1] == run_id  # the killed run continued
+    run = mlflow_client.get_run(run_id)
+    second_parent = parent_of(mlflow_client, run_id)
+    assert second_parent.info.run_id != first_parent.info.run_id
+    assert second_parent.data.tags["run.train"] == run_id
+    first_parent = mlflow_client.get_run(first_parent.info.run_id)
+    statuses = {r.info.run_id: r.info.status for r in (run, first_parent, second_parent)}
+    assert statuses == {
+        run_id: "FINISHED",
+        first_parent.info.run_id: "KILLED",
+        second_parent.info.run_id: "FINISHED",
+    }
+    assert first_parent.info.end_time is not None

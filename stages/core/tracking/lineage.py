@@ -35,6 +35,23 @@ def execution_key() -> str | None:
     return None
 
 
+def execution_alive(key: str | None) -> bool:
+    """Whether the DVC process that ``key`` (an execution_key) names still runs: False when it
+    exited or its pid now belongs to another process; True for another host's execution,
+    which this host cannot see."""
+    import psutil
+
+    if not key or key.count(":") < 2:
+        return False
+    host, pid, created = key.rsplit(":", 2)
+    if host != socket.gethostname():
+        return True
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.3f}" == created
+    except (psutil.Error, ValueError):  # gone, or not a pid
+        return False
+
+
 def _is_dvc(cmdline: list[str]) -> bool:
     """`dvc ...`, `python .../bin/dvc ...` or `python -m dvc ...`."""
     names = [Path(part).name for part in cmdline[:3]]

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stages.core.tracking.store import ensure_experiment, tracking_uri
+from stages.core.tracking.store import ensure_experiment, redact, tracking_uri
 
 # MLflow caps one log_batch call at 1000 metrics.
 MAX_METRICS_PER_CALL = 1000
@@ -38,8 +38,9 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def param_value(value: Any) -> str:
-    """How a param reads in MLflow: ``null`` for None, else its text (lists as ``[128, 64]``)."""
-    return "null" if value is None else str(value)
+    """How a param reads in MLflow: ``null`` for None, else its text (lists as ``[128, 64]``),
+    with the user-info part of any URI in it redacted (a ``data.source`` URL with a token)."""
+    return "null" if value is None else redact(str(value))
 
 
 class Recorder:
@@ -71,8 +72,12 @@ class Recorder:
         params: dict[str, Any],
         resume_key: str | None = None,
         resuming: bool = False,
+        pipeline_params: Mapping[str, Any] | None = None,
     ) -> None:
         """Start the stage's run and log its params; tagged ``resume.key`` with ``resume_key``.
+
+        ``pipeline_params``: every param of the execution (params.yaml as the stage loaded
+        it), which the execution's parent records when this stage is the first to run.
 
         ``resuming``: the stage resumes a checkpoint; the run it was logging to, the newest run
         of this stage with the same key, continues (a new run when the store has none).
@@ -91,10 +96,11 @@ class Recorder:
         self.stage = stage
         key = execution_key()
         if key is not None:
-            self.parent_id = self._parent(key)
+            self.parent_id = self._parent(key, pipeline_params or {})
         if resuming and resume_key:
             self.run_id = self._resumable(resume_key)
         if self.run_id is not None:
+            self._adopt_resumed_run()
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             tags = {"stage": stage, **self.context_tags()}
@@ -118,6 +124,22 @@ class Recorder:
         )
         return found[0].info.run_id if found else None
 
+    def _adopt_resumed_run(self) -> None:
+        """The resumed run joins this execution's parent; the parent it had, that of the
+        execution killed with it (its worker died too, so nothing ended it), ends as KILLED
+        once its DVC process is gone, instead of staying RUNNING forever."""
+        from stages.core.tracking.lineage import execution_alive
+
+        earlier = self.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
+        if earlier is None or earlier == self.parent_id:
+            return
+        if self.parent_id:
+            self.client.set_tag(self.run_id, "mlflow.parentRunId", self.parent_id)
+        previous = self.client.get_run(earlier)
+        key = previous.data.tags.get("pipeline.execution")
+        if previous.info.status == "RUNNING" and not execution_alive(key):
+            self.client.set_terminated(earlier, "KILLED")
+
     def context_tags(self) -> dict[str, str]:
         """The commit (a DVC experiment's baseline), whether the code or params differ from it,
         and the DVC experiment's name."""
@@ -140,10 +162,8 @@ class Recorder:
             tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
         return tags
 
-    def _parent(self, key: str) -> str:
-        """This execution's parent run, created by its first stage."""
-        from stages.core.common.params import load_params
-
+    def _parent(self, key: str, pipeline_params: Mapping[str, Any]) -> str:
+        """This execution's parent run, created by its first stage with ``pipeline_params``."""
         found = self.client.search_runs(
             [self.experiment_id], f"tags.`pipeline.execution` = '{key}'", max_results=1
         )
@@ -153,7 +173,7 @@ class Recorder:
         name = f"{os.environ.get('DVC_EXP_NAME') or 'workspace'}@{tags.get('git.commit', '')[:7]}"
         tags |= {"pipeline.execution": key, "pipeline.role": "parent"}
         parent = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        self._log_params(parent.info.run_id, load_params().model_dump(mode="json", by_alias=True))
+        self._log_params(parent.info.run_id, pipeline_params)
         if Path("params.yaml").is_file():
             self.client.log_artifact(parent.info.run_id, "params.yaml")
         return parent.info.run_id

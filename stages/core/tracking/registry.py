@@ -42,30 +42,80 @@ def create_version(client, name: str, model_uri: str, tags: dict[str, Any]) -> i
     return int(created.version)
 
 
+# Rounds of read, compare and move before a promotion gives up settling the champion: each
+# round that moves it follows a version that another promotion tagged meanwhile.
+SETTLE_ROUNDS = 20
+
+
 def move_aliases(client, name: str, version: int, accuracy: float, failures: list[str]) -> str:
     """Record the gates on ``version``, make it the candidate, and the champion when every gate
     passed and its accuracy beats the champion's (or there is none); one line says what
-    happened. ``failures`` are the failed gates (empty: all passed)."""
-    from mlflow.exceptions import MlflowException
+    happened. ``failures`` are the failed gates (empty: all passed).
 
+    Safe for promotions that run at once on one store (`dvc queue start -j 2`): MLflow has no
+    compare-and-swap, so each promotion settles the champion (see settle_champion) after its
+    own version's tags are written; whichever settles last reads every version tagged before
+    it, and all of them agree on the best."""
     client.set_model_version_tag(name, str(version), ACCURACY_TAG, f"{accuracy:.6f}")
     gates = "passed" if not failures else "failed: " + "; ".join(failures)
     client.set_model_version_tag(name, str(version), GATES_TAG, gates)
     client.set_registered_model_alias(name, CANDIDATE, version)
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:  # no champion yet
-        champion = None
+    from stages.core.tracking.store import local_store_lock
+
+    with local_store_lock():  # on one machine's SQLite store the promotions also take turns
+        champion = settle_champion(client, name)
     line = f"registered {name} version {version} as {CANDIDATE}"
     if failures:
         return f"{line}; gates failed, {CHAMPION} stays"
-    if champion is not None:
-        best = float(champion.tags.get(ACCURACY_TAG, "-inf"))
-        if accuracy <= best:
-            stays = f"{CHAMPION} stays at version {champion.version}"
-            return f"{line}; {stays} ({ACCURACY_TAG} {best:.4f} >= {accuracy:.4f})"
-    client.set_registered_model_alias(name, CHAMPION, version)
-    return f"{line} and {CHAMPION} ({ACCURACY_TAG} {accuracy:.4f})"
+    if champion is not None and int(champion.version) == version:
+        return f"{line} and {CHAMPION} ({ACCURACY_TAG} {accuracy:.4f})"
+    best = _accuracy(champion) if champion is not None else float("-inf")
+    stays = f"{CHAMPION} stays at version {champion.version}"
+    return f"{line}; {stays} ({ACCURACY_TAG} {best:.4f} >= {accuracy:.4f})"
+
+
+def settle_champion(client, name: str):
+    """Point ``champion`` at the best version that passed its gates (the highest accuracy; on a
+    tie the champion stays, else the oldest wins), re-reading after each move until a read
+    finds it already there; returns the champion's ModelVersion (None when no version passed).
+
+    Convergent rather than atomic: a promotion that read before another's version was tagged
+    may move the alias to a worse version, but the other one reads after its own tags and
+    moves it back, and each promotion's last step is a read that found the champion best."""
+    champion = None
+    for _ in range(SETTLE_ROUNDS):
+        champion = _champion(client, name)
+        current = int(champion.version) if champion is not None else None
+        best = _best_version(client.search_model_versions(f"name = '{name}'"), current)
+        if best is None or int(best.version) == current:
+            return champion
+        client.set_registered_model_alias(name, CHAMPION, int(best.version))
+    return _champion(client, name)
+
+
+def _champion(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no champion yet
+        return None
+
+
+def _accuracy(version) -> float:
+    try:
+        return float(version.tags.get(ACCURACY_TAG, "-inf"))
+    except ValueError:  # a hand-edited tag: never better than a measured one
+        return float("-inf")
+
+
+def _best_version(versions, current: int | None):
+    """The version that passed its gates with the highest accuracy; among equals, the current
+    champion, else the oldest."""
+    passed = [v for v in versions if v.tags.get(GATES_TAG) == "passed"]
+    if not passed:
+        return None
+    return max(passed, key=lambda v: (_accuracy(v), int(v.version) == current, -int(v.version)))
 
 
 def log_model(recorder, model_dir: str, example_path: str) -> str:

@@ -132,6 +132,15 @@ def start_worker(*preload: str) -> None:
         _started = _Worker(tuple(preload))
 
 
+def _as_mapping(params: Any) -> dict[str, Any] | None:
+    """Params as plain data keyed as in params.yaml (a pydantic model is dumped by alias)."""
+    if params is None:
+        return None
+    if hasattr(params, "model_dump"):
+        return params.model_dump(mode="json", by_alias=True)
+    return dict(params)
+
+
 def _inline_mode(background: bool | None) -> bool:
     # A process that has imported mlflow already pays nothing more for logging inline.
     return not background if background is not None else "mlflow" in sys.modules
@@ -145,9 +154,14 @@ def stage_run(
     resume_key: str | None = None,
     resuming: bool = False,
     *,
+    pipeline_params: Any = None,
     background: bool | None = None,
 ) -> Iterator[StageRun]:
     """An MLflow run for one stage, named after it, holding the params it read (flattened).
+
+    ``pipeline_params`` are every param of the execution (the stage's loaded params, a pydantic
+    model or a mapping): the execution's parent run records them all, so tracking never reads
+    params.yaml itself.
 
     A stage that checkpoints passes its checkpoint fingerprint as ``resume_key``; when it
     resumes a checkpoint (``resuming``) it continues the run it was logging to before it was
@@ -164,7 +178,8 @@ def stage_run(
         tracker, _started = (_started or _Worker()), None
     run = StageRun(tracker)
     try:
-        tracker.send("open", stage, experiment, dict(params), resume_key, resuming)
+        every = _as_mapping(pipeline_params)
+        tracker.send("open", stage, experiment, dict(params), resume_key, resuming, every)
         yield run
         run._id, run.notes = tracker.finish("FINISHED")
     except BaseException:

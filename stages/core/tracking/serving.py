@@ -49,7 +49,10 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             columns = [str(label) for label in self.config.classes]
             return pd.DataFrame(probabilities, columns=columns, index=model_input.index)
         classes = np.asarray(self.config.classes)
-        return pd.Series(classes[probabilities.argmax(axis=1)], name="label")
+        # The input's index, as for the probabilities: `rows.assign(pred=model.predict(rows))`
+        # on a filtered frame aligns each label with its row.
+        labels = classes[probabilities.argmax(axis=1)]
+        return pd.Series(labels, name="label", index=model_input.index)
 
 
 def requirements() -> list[str]:

@@ -4,6 +4,9 @@ fails."""
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from stages.core.common.errors import one_line
@@ -18,6 +21,18 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TI
 QUIET_DEFAULTS = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 for _key, _value in (HTTP_DEFAULTS | QUIET_DEFAULTS).items():
     os.environ.setdefault(_key, _value)
+
+
+# The user-info part of a URI (``scheme://user:token@host``): everything between ``//`` and the
+# first ``@`` before the host ends (no ``/``, ``?``, ``#`` or blank in between).
+_USER_INFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user-info part of every URI in it replaced by ``***``, so that a token
+    in ``MLFLOW_TRACKING_URI`` (``https://user:token@host``) never reaches a log:
+    ``https://***@host``. Text without such a part comes back unchanged."""
+    return _USER_INFO.sub(r"\g<scheme>***@", text)
 
 
 def repo_root() -> Path:
@@ -44,6 +59,19 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri()
 
 
+@contextmanager
+def local_store_lock() -> Iterator[None]:
+    """Hold the local store's file lock while the block runs (nothing for any other store):
+    parallel executions on one machine (`dvc queue start -j 2`) then take turns."""
+    if tracking_uri() != local_store_uri():
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(repo_root() / ".mlflow.db.lock"):
+        yield
+
+
 def ensure_experiment(name: str) -> str:
     """The experiment's id, creating it (and the store's schema) when missing."""
     from mlflow import MlflowClient
@@ -52,11 +80,9 @@ def ensure_experiment(name: str) -> str:
     client = MlflowClient(uri)
     if uri != local_store_uri():
         return _get_or_create_experiment(client, name, None)
-    from filelock import FileLock
-
     # Queued experiments (`dvc queue start -j 2`) may start on a fresh store at once: one
     # process creates the schema and the experiment while the others wait.
-    with FileLock(repo_root() / ".mlflow.db.lock"):
+    with local_store_lock():
         # Artifacts of the local store sit beside it, not under whichever directory DVC ran in.
         return _get_or_create_experiment(client, name, (repo_root() / "mlartifacts").as_uri())
 
@@ -98,7 +124,8 @@ def describe_failure(exc: BaseException) -> str:
     if reason is None:
         message = one_line(text, 200)
         reason = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return (
+    # The whole line, for MLflow's own messages may quote the URI too.
+    return redact(
         f"tracking: {tracking_uri()}: {reason} (to run without it: unset "
         "MLFLOW_TRACKING_URI to log to the local mlflow.db, or set PIPELINE_TRACKING=off)"
     )

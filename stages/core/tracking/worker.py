@@ -12,7 +12,7 @@ from typing import Any
 
 from stages.core.common.errors import TrackingError
 from stages.core.tracking.recorder import Recorder
-from stages.core.tracking.store import describe_failure, tracking_uri
+from stages.core.tracking.store import describe_failure, redact, tracking_uri
 
 # How long a stage waits for the worker to finish logging after the stage's own work is done.
 WORKER_EXIT_TIMEOUT = 300.0
@@ -79,7 +79,7 @@ class _Worker:
             self.requests.send(("close", (status,), True))
             if not self.replies.poll(WORKER_EXIT_TIMEOUT):
                 raise TrackingError(
-                    f"tracking: {tracking_uri()}: no answer in {WORKER_EXIT_TIMEOUT:.0f} s"
+                    f"tracking: {redact(tracking_uri())}: no answer in {WORKER_EXIT_TIMEOUT:.0f} s"
                 )
             return self._receive()
         finally:
