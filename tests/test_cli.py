@@ -51,6 +51,18 @@ def test_an_error_of_several_lines_prints_each_with_the_prefix(capsys) -> None:
     )
 
 
+def test_credentials_in_an_error_line_are_redacted(capsys) -> None:
+    """A source URL with a token (data.source) never reaches stderr, DVC's or CI's logs."""
+
+    def main() -> None:
+        raise DataError("data.source: https://user:s3cret@example.invalid/d.csv: HTTP 404")
+
+    with pytest.raises(SystemExit):
+        run_stage("ingest", main)
+    err = capsys.readouterr().err
+    assert err == "ingest: error: data.source: https://***@example.invalid/d.csv: HTTP 404\n"
+
+
 def test_other_errors_are_not_hidden() -> None:
     """A bug is not a user error: it keeps its traceback."""
 

@@ -7,7 +7,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from stages.core.common.errors import PipelineError
+from stages.core.common.errors import PipelineError, redact
 
 
 def run_stage(name: str, main: Callable[[], None], argv: Sequence[str] = ()) -> None:
@@ -21,7 +21,8 @@ def run_stage(name: str, main: Callable[[], None], argv: Sequence[str] = ()) -> 
     except PipelineError as exc:
         if "--verbose" in argv:
             traceback.print_exc()
-        for line in str(exc).splitlines() or [""]:
+        # A URI in a param or the environment may carry credentials: never print them.
+        for line in redact(str(exc)).splitlines() or [""]:
             print(f"{name}: error: {line}", file=sys.stderr)
         raise SystemExit(1) from None
 

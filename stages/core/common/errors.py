@@ -1,5 +1,7 @@
 """Errors a user can fix: each one prints as a single line and exits non-zero."""
 
+import re
+
 
 class PipelineError(Exception):
     """A problem with the user's params or data, reported as one line without a traceback."""
@@ -39,3 +41,13 @@ def one_line(exc: BaseException | str, limit: int = 240) -> str:
     if not text and isinstance(exc, BaseException):
         text = type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_USER_INFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user-info part of every URI in it replaced by ``***``, so that a token
+    in ``MLFLOW_TRACKING_URI`` (``https://user:token@host``) never reaches a log:
+    ``https://***@host``. Text without such a part comes back unchanged."""
+    return _USER_INFO.sub(r"\g<scheme>***@", text)

@@ -4,12 +4,11 @@ fails."""
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from stages.core.common.errors import one_line
+from stages.core.common.errors import one_line, redact
 from stages.core.common.telemetry import silence
 
 silence()
@@ -25,16 +24,6 @@ for _key, _value in (HTTP_DEFAULTS | QUIET_DEFAULTS).items():
 
 # The user-info part of a URI (``scheme://user:token@host``): everything between ``//`` and the
 # first ``@`` before the host ends (no ``/``, ``?``, ``#`` or blank in between).
-_USER_INFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
-
-
-def redact(text: str) -> str:
-    """``text`` with the user-info part of every URI in it replaced by ``***``, so that a token
-    in ``MLFLOW_TRACKING_URI`` (``https://user:token@host``) never reaches a log:
-    ``https://***@host``. Text without such a part comes back unchanged."""
-    return _USER_INFO.sub(r"\g<scheme>***@", text)
-
-
 def repo_root() -> Path:
     """The project root: ``DVC_ROOT`` (set by DVC for every stage), else the nearest parent
     holding ``.dvc``, else the working directory.
