@@ -14,8 +14,15 @@ import pytest
 
 from stages.core.common.errors import DataError, ParamsError
 from stages.core.common.io import write_parquet
-from stages.core.common.params import DataParams, parse_params
+from stages.core.common.params import DataParams, ValidateParams, parse_params
 from stages.core.common.schema import DOMAIN, LABEL, TEXT
+from stages.core.data.expectations import (
+    gate,
+    infer_text_suite,
+    load_suite,
+    suite_json,
+    text_params_suite,
+)
 from stages.core.data.ingest import build_raw_dataset, skipped_columns
 from stages.core.data.sources import load_source
 
@@ -199,3 +206,166 @@ def test_numeric_sources_still_refuse_bytes_that_are_not_utf8(tmp_path: Path) ->
     (tmp_path / "x.tsv").write_bytes(b"a\tlabel\n1\tcaf\xe9\n")
     with pytest.raises(DataError, match=r"^x.tsv: not UTF-8 text"):
         load_source(DataParams(source="x.tsv"), tmp_path)
+
+
+# --- the text gate ------------------------------------------------------------------------
+
+TEXT_LENIENT = ValidateParams(max_quarantine_fraction=1.0, min_rows_per_class=1)
+
+
+def make_text_frame(rows_per_pair: int = 12, seed: int = 0) -> pd.DataFrame:
+    """Distinct texts, two classes learnable from words, in two domains."""
+    rng = np.random.default_rng(seed)
+    words = {"pos": ["good", "great", "fine"], "neg": ["bad", "awful", "poor"]}
+    rows = []
+    for domain in ("base", "target"):
+        for label, vocab in words.items():
+            for i in range(rows_per_pair):
+                body = " ".join(rng.choice(vocab, size=3))
+                rows.append({TEXT: f"{domain} review {i}: {body}", LABEL: label, DOMAIN: domain})
+    return pd.DataFrame(rows)
+
+
+def _text_gate(frame: pd.DataFrame, params: ValidateParams = TEXT_LENIENT, **kwargs):
+    return gate(frame, [], params, ["base", "target"], text=True, **kwargs)
+
+
+def test_a_clean_text_table_passes_the_text_gate() -> None:
+    frame = make_text_frame()
+    result = _text_gate(frame, ValidateParams())
+    assert result.report["rows_clean"] == len(frame) and result.report["rows_quarantined"] == 0
+    assert result.report["passed"] is True
+    assert list(result.report["checks"]) == [
+        "missing_columns",
+        "not_null",
+        "blank_text",
+        "invalid_utf8",
+        "text_length",
+        "known_domain",
+        "duplicate",
+        "conflicting_label",
+        "short_classes",
+    ]
+    assert result.clean.equals(frame)
+
+
+def test_the_text_gate_quarantines_each_bad_text_with_every_reason() -> None:
+    frame = make_text_frame()
+    n = len(frame)
+    bad = pd.DataFrame(
+        [
+            {TEXT: None, LABEL: "pos", DOMAIN: "base"},
+            {TEXT: "   \t ", LABEL: "pos", DOMAIN: "base"},
+            {TEXT: "caf\ufffd is good", LABEL: "pos", DOMAIN: "base"},
+            {TEXT: "x" * 41, LABEL: "neg", DOMAIN: "target"},
+            {
+                TEXT: "  BASE review 0:   " + frame.loc[0, TEXT].split(": ")[1].upper(),
+                LABEL: "pos",
+                DOMAIN: "base",
+            },
+            {TEXT: "Same words here", LABEL: "pos", DOMAIN: "base"},
+            {TEXT: "same   WORDS here ", LABEL: "neg", DOMAIN: "target"},
+            {TEXT: "", LABEL: None, DOMAIN: "elsewhere"},
+        ]
+    )
+    raw = pd.concat([frame, bad], ignore_index=True)
+    result = _text_gate(
+        raw, ValidateParams(text_length=(1, 40), max_quarantine_fraction=1.0, min_rows_per_class=1)
+    )
+    report = result.report
+    assert report["rows_in"] == report["rows_clean"] + report["rows_quarantined"] == n + 8
+    reasons = dict(zip(result.rejected["raw_row"], result.rejected["reason"], strict=True))
+    assert reasons == {
+        n: "text is missing",
+        n + 1: "text is blank",
+        n + 2: "text is not valid UTF-8 (U+FFFD or a lone surrogate at character 3)",
+        n + 3: "text has 41 characters, outside [1, 40]",
+        n + 4: "text (normalized) duplicate of row 0",
+        n + 5: f"text (normalized) equal to row {n + 6} with another label",
+        n + 6: f"text (normalized) equal to row {n + 5} with another label",
+        n + 7: "text is blank; text has 0 characters, outside [1, 40]; label is missing; "
+        "domain 'elsewhere' not in ['base', 'target']",
+    }
+    assert report["checks"] | {"short_classes": 0} == {
+        "missing_columns": 0,
+        "not_null": 2,
+        "blank_text": 2,
+        "invalid_utf8": 1,
+        "text_length": 2,
+        "known_domain": 1,
+        "duplicate": 1,
+        "conflicting_label": 2,
+        "short_classes": 0,
+    }
+    # The first copy stays; a quarantined row keeps its text as it was.
+    assert 0 in set(range(n)) - set(reasons) and frame.loc[0, TEXT] in result.clean[TEXT].tolist()
+    assert (
+        result.rejected.loc[result.rejected["raw_row"] == n + 2, TEXT].item() == "caf\ufffd is good"
+    )
+    assert list(result.rejected.columns) == [TEXT, LABEL, DOMAIN, "reason", "raw_row"]
+
+
+def test_invalid_utf8_bytes_reach_the_quarantine_through_ingest(tmp_path: Path) -> None:
+    lines = [f"review {i} is fine,pos".encode() for i in range(6)]
+    lines += [f"review {i} is bad,neg".encode() for i in range(6)]
+    lines.insert(3, b"caf\xe9 au lait,pos")
+    (tmp_path / "reviews.csv").write_bytes(b"review,rating\n" + b"\n".join(lines) + b"\n")
+    params = _text_params("reviews.csv")
+    raw = build_raw_dataset(load_source(params, tmp_path), params)
+    write_parquet(tmp_path / "raw.parquet", raw)
+    raw = pd.read_parquet(tmp_path / "raw.parquet")
+    result = gate(raw, [], TEXT_LENIENT, params.domains(), text=True)
+    assert result.rejected["raw_row"].tolist() == [3]
+    assert result.rejected["reason"].item().startswith("text is not valid UTF-8")
+    assert result.report["rows_clean"] == 12 and result.report["passed"] is True
+
+
+def test_a_one_domain_text_dataset_is_gated_on_its_one_domain() -> None:
+    frame = make_text_frame()
+    frame = frame[frame[DOMAIN] == "base"]
+    result = gate(frame, [], ValidateParams(min_rows_per_class=5), ["base"], text=True)
+    assert result.report["passed"] is True
+    # Gated on base and target instead, every class of the empty target domain would be short.
+    two = gate(frame, [], ValidateParams(min_rows_per_class=5), ["base", "target"], text=True)
+    assert two.report["checks"]["short_classes"] == 2
+
+
+def test_the_text_suite_round_trips_and_an_inferred_one_pins_lengths_and_classes(
+    tmp_path: Path,
+) -> None:
+    frame = make_text_frame()
+    suite = text_params_suite(ValidateParams(text_length=(2, 50)), ["base", "target"])
+    path = tmp_path / "text.json"
+    path.write_text(suite_json(suite))
+    assert load_suite(path) == suite
+    inferred = infer_text_suite(frame, ["base", "target"])
+    by_type = {item["type"]: item["kwargs"] for item in inferred}
+    sizes = frame[TEXT].map(len)
+    assert by_type["expect_column_value_lengths_to_be_between"] == {
+        "column": TEXT,
+        "min_value": int(sizes.min()),
+        "max_value": int(sizes.max()),
+    }
+    labels = [
+        k
+        for item in inferred
+        if item["type"] == "expect_column_values_to_be_in_set"
+        for k in [item["kwargs"]]
+        if k["column"] == LABEL
+    ]
+    assert labels == [{"column": LABEL, "value_set": ["neg", "pos"]}]
+    unseen = pd.concat(
+        [
+            frame,
+            pd.DataFrame([{TEXT: "base review 99: a new class", LABEL: "meh", DOMAIN: "base"}]),
+        ],
+        ignore_index=True,
+    )
+    result = _text_gate(unseen, suite=inferred)
+    assert result.rejected["reason"].tolist() == ["label 'meh' not in ['neg', 'pos']"]
+
+
+def test_a_text_table_without_its_text_column_stops_the_gate() -> None:
+    frame = make_text_frame().drop(columns=[TEXT])
+    with pytest.raises(DataError, match=r"missing columns \['text'\] \(text, label, domain\)"):
+        _text_gate(frame)

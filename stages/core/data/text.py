@@ -18,6 +18,9 @@ REPLACEMENT = "\ufffd"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+_INVALID = re.compile("[\ufffd\ud800-\udfff]")
+
+
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -28,6 +31,12 @@ def clean_code_points(text: str) -> str:
     """``text`` with each lone surrogate replaced by U+FFFD (strings decoded from bytes with
     ``errors="replace"`` already hold U+FFFD for each bad byte)."""
     return _SURROGATE.sub(REPLACEMENT, text)
+
+
+def first_invalid(text: str) -> int:
+    """The position of the first U+FFFD or lone surrogate in ``text``, else -1."""
+    found = _INVALID.search(text)
+    return found.start() if found else -1
 
 
 def normalize(text: str) -> str:
