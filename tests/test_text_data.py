@@ -14,8 +14,9 @@ import pytest
 
 from stages.core.common.errors import DataError, ParamsError
 from stages.core.common.io import write_parquet
-from stages.core.common.params import DataParams, ValidateParams, parse_params
+from stages.core.common.params import DataParams, SplitParams, ValidateParams, parse_params
 from stages.core.common.schema import DOMAIN, LABEL, TEXT
+from stages.core.data.drift import most_shifted, text_drift_report
 from stages.core.data.expectations import (
     gate,
     infer_text_suite,
@@ -25,6 +26,12 @@ from stages.core.data.expectations import (
 )
 from stages.core.data.ingest import build_raw_dataset, skipped_columns
 from stages.core.data.sources import load_source
+from stages.core.data.splitting import (
+    PARTS,
+    check_text_leakage,
+    mirror_single_domain,
+    split_domains,
+)
 
 REVIEWS = pd.DataFrame(
     {
@@ -369,3 +376,190 @@ def test_a_text_table_without_its_text_column_stops_the_gate() -> None:
     frame = make_text_frame().drop(columns=[TEXT])
     with pytest.raises(DataError, match=r"missing columns \['text'\] \(text, label, domain\)"):
         _text_gate(frame)
+
+
+# --- split and drift ----------------------------------------------------------------------
+
+
+def test_text_leakage_finds_a_normalized_text_in_two_parts() -> None:
+    frame = make_text_frame()
+    splits = split_domains(frame, SplitParams(), {"base": "base", "target": "target"})
+    check_text_leakage(splits, {"base": "base", "target": "target"})  # distinct texts: passes
+    leaked = splits["target_test"].copy()
+    leaked.loc[0, TEXT] = "  " + splits["base_train"].loc[0, TEXT].upper().replace(" ", "\t")
+    with pytest.raises(
+        DataError,
+        match=r"^split: 1 texts \(normalized\) are in both base_train "
+        r"and target_test",
+    ):
+        check_text_leakage(splits | {"target_test": leaked}, {"base": "base", "target": "target"})
+    inside = splits["base_val"].copy()
+    inside.loc[0, TEXT] = splits["base_test"].loc[1, TEXT]
+    with pytest.raises(DataError, match="in both base_val and base_test"):
+        check_text_leakage(splits | {"base_val": inside}, {"base": "base"})
+
+
+def test_one_domain_splits_serve_both_roles() -> None:
+    frame = make_text_frame()
+    frame = frame[frame[DOMAIN] == "base"].reset_index(drop=True)
+    splits = mirror_single_domain(split_domains(frame, SplitParams(), {"base": "base"}))
+    assert sorted(splits) == sorted(f"{r}_{p}" for r in ("base", "target") for p in PARTS)
+    for part in PARTS:
+        assert splits[f"target_{part}"].equals(splits[f"base_{part}"])
+    assert sum(len(splits[f"base_{p}"]) for p in PARTS) == len(frame)
+    check_text_leakage(splits, {"base": "base"})
+
+
+def _texts(values: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({TEXT: values, LABEL: 0, DOMAIN: "base"})
+
+
+def test_text_drift_measures_length_shift_and_unseen_tokens() -> None:
+    short = [f"good {w}" for w in ["day", "film", "plot", "cast"]]
+    long = ["Good day, and a long plot " * 4, "film film FILM new words here " * 3] * 2
+    splits = {
+        "base_train": _texts(short),
+        "base_val": _texts(short[:1]),
+        "base_test": _texts(short[::-1]),
+        "target_train": _texts(long),
+        "target_val": _texts(long[:1]),
+        "target_test": _texts(long),
+    }
+    report = text_drift_report(splits)
+    same = report["summary"]["base_train_vs_test"]
+    # The same texts in another order: no length shift and no unseen token.
+    assert (same["length_psi"], same["length_ks"], same["unseen_token_share"]) == (0, 0, 0)
+    gap = report["summary"]["domain_gap"]
+    assert gap["length_ks"] == 1.0  # every target text is longer than every base text
+    assert gap["length_psi"] > 0.25
+    # Target tokens: "good day and a long plot" x4 (24) + "film film film new words here" x3
+    # (18), twice each; base has good, day, film, plot, cast: unseen and, a, long, new,
+    # words, here = (4 * 3 + 3 * 3) * 2 = 42 of 84 occurrences, 6 of 10 distinct tokens.
+    assert gap["unseen_token_share"] == 0.5
+    assert gap["unseen_vocabulary_share"] == 0.6
+    assert gap["length_mean_reference"] == round((35 + 8 + 35) / 9, 6)  # 9 base texts
+    assert report["features"] == {
+        "text_length": {
+            name: {
+                "psi": report["summary"][name]["length_psi"],
+                "ks": report["summary"][name]["length_ks"],
+            }
+            for name in ("domain_gap", "base_train_vs_test", "target_train_vs_test")
+        }
+    }
+    assert most_shifted(report) == [{"feature": "text_length", "psi": gap["length_psi"], "ks": 1.0}]
+
+
+def test_one_domain_text_drift_has_no_domain_gap() -> None:
+    texts = [f"text number {i}" for i in range(10)]
+    splits = {
+        "base_train": _texts(texts[:6]),
+        "base_val": _texts(texts[6:7]),
+        "base_test": _texts(["text number 7", "brand new"]),
+    }
+    report = text_drift_report(splits, single_domain=True)
+    assert list(report["summary"]) == ["base_train_vs_test"]
+    # Test tokens: text, number, 7, brand, new: 7, brand and new are unseen (3 of 5).
+    assert report["summary"]["base_train_vs_test"]["unseen_token_share"] == 0.6
+
+
+# --- the stages on a text dataset ---------------------------------------------------------
+
+
+@pytest.fixture
+def text_repo(mlflow_client, tmp_path: Path):
+    """cwd = tmp_path (conftest), with a reviews TSV under data/source/; MLflow's store exists."""
+    rng = np.random.default_rng(1)
+    words = {"pos": ["good", "great", "fine", "nice"], "neg": ["bad", "awful", "poor", "sad"]}
+    lines = ["review\trating\tsite"]
+    for site in ("A", "B"):
+        for label, vocab in words.items():
+            for i in range(15):
+                lines.append(f"{site} note {i}: {' '.join(rng.choice(vocab, 4))}\t{label}\t{site}")
+    body = ("\n".join(lines) + "\n").encode()
+    body += (
+        b"caf\xe9 was good\tpos\tA\n"
+        + b"A NOTE 0:  "
+        + lines[1].split(": ")[1].split("\t")[0].upper().encode()
+        + b"\tpos\tA\n"
+    )
+    (tmp_path / "data/source").mkdir(parents=True)
+    (tmp_path / "data/source/reviews.tsv").write_bytes(body)
+    return tmp_path
+
+
+def _write_params(data: dict, validate_section: dict | None = None) -> None:
+    import yaml
+
+    base = {
+        "source": "data/source/reviews.tsv",
+        "text_column": "review",
+        "label": "rating",
+        "image_shape": None,
+    }
+    params = {
+        "data": base | data,
+        "validate": {"max_quarantine_fraction": 0.2} | (validate_section or {}),
+    }
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_ingest_validate_split_run_a_two_domain_text_dataset(text_repo: Path, capsys) -> None:
+    from stages import ingest, split, validate
+    from stages.core.common import layout
+    from stages.core.common.io import read_json
+
+    _write_params({"domain_column": "site", "base_domain": "A", "target_domain": "B"})
+    ingest.main()
+    raw = pd.read_parquet(layout.RAW)
+    assert list(raw.columns) == [TEXT, LABEL, DOMAIN] and len(raw) == 62
+    validate.main([])
+    report = read_json(layout.VALIDATION_REPORT)
+    assert (report["rows_in"], report["rows_clean"], report["rows_quarantined"]) == (62, 60, 2)
+    rejected = pd.read_parquet(layout.REJECTED)
+    assert rejected["reason"].tolist() == [
+        "text is not valid UTF-8 (U+FFFD or a lone surrogate at character 3)",
+        "text (normalized) duplicate of row 0",
+    ]
+    assert "validate.text_length" in layout.VALIDATION_HTML.read_text()
+    split.main()
+    parts = {p.stem: pd.read_parquet(p) for p in sorted(layout.SPLITS.glob("*.parquet"))}
+    assert sorted(parts) == sorted(f"{r}_{p}" for r in ("base", "target") for p in PARTS)
+    assert sum(len(f) for f in parts.values()) == 60
+    assert set(parts["target_test"][DOMAIN]) == {"B"}
+    metrics = read_json(layout.DRIFT_METRICS)
+    assert sorted(metrics) == ["base_train_vs_test", "domain_gap", "target_train_vs_test"]
+    assert pd.read_csv(layout.DRIFT_PLOT)["feature"].tolist() == ["text_length"]
+    assert "domain gap: length PSI" in capsys.readouterr().out
+
+
+def test_a_one_domain_text_dataset_splits_under_both_roles(text_repo: Path) -> None:
+    from stages import ingest, split, validate
+    from stages.core.common import layout
+    from stages.core.common.io import read_json
+
+    _write_params({"base_domain": "reviews"})
+    ingest.main()
+    assert set(pd.read_parquet(layout.RAW)[DOMAIN]) == {"reviews"}
+    validate.main([])
+    assert read_json(layout.VALIDATION_REPORT)["passed"] is True
+    split.main()
+    for part in PARTS:
+        base = pd.read_parquet(layout.split_path("base", part))
+        assert base.equals(pd.read_parquet(layout.split_path("target", part)))
+    assert list(read_json(layout.DRIFT_METRICS)) == ["base_train_vs_test"]
+
+
+def test_a_missing_text_column_stops_ingest_in_one_line(text_repo: Path, capsys) -> None:
+    from stages import ingest
+    from stages.core.common.cli import run_stage
+
+    _write_params({"text_column": "body"})
+    with pytest.raises(SystemExit):
+        run_stage("ingest", ingest.main, [])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(
+        "ingest: error: data.text_column: column 'body' not in data/source/reviews.tsv "
+        "(columns: ['review', 'rating', 'site'])"
+    )
