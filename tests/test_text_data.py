@@ -563,3 +563,28 @@ def test_a_missing_text_column_stops_ingest_in_one_line(text_repo: Path, capsys)
         "ingest: error: data.text_column: column 'body' not in data/source/reviews.tsv "
         "(columns: ['review', 'rating', 'site'])"
     )
+
+
+def test_the_validation_page_shows_rejected_texts_shortened_and_escaped() -> None:
+    from stages.core.data.validation_report import render_validation_html
+
+    frame = make_text_frame()
+    long = "<b>bold</b>   and\nnewline " + "word " * 40
+    bad = pd.DataFrame(
+        [
+            {TEXT: long, LABEL: "pos", DOMAIN: "base"},
+            {TEXT: "  ", LABEL: "neg", DOMAIN: "base"},
+            {TEXT: None, LABEL: "neg", DOMAIN: "base"},
+        ]
+    )
+    raw = pd.concat([frame, bad], ignore_index=True)
+    result = _text_gate(
+        raw, ValidateParams(text_length=(1, 100), max_quarantine_fraction=1.0, min_rows_per_class=1)
+    )
+    page = render_validation_html(result.report, result.expectations, result.rejected, "params")
+    header = "<th>raw_row</th><th>text</th><th>label</th><th>domain</th><th>reason</th>"
+    assert header in page
+    shown = " ".join(long.split())[:79] + "\u2026"
+    assert f"<td>{shown.replace('<', '&lt;').replace('>', '&gt;')}</td>" in page
+    assert "<b>" not in page
+    assert "<td>(blank)</td>" in page and "<td>(missing)</td>" in page
