@@ -588,3 +588,36 @@ def test_the_validation_page_shows_rejected_texts_shortened_and_escaped() -> Non
     assert f"<td>{shown.replace('<', '&lt;').replace('>', '&gt;')}</td>" in page
     assert "<b>" not in page
     assert "<td>(blank)</td>" in page and "<td>(missing)</td>" in page
+
+
+def test_a_text_source_over_http_is_checked_and_read(tmp_path: Path) -> None:
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    body = b'{"review": "good stuff", "rating": "pos"}\n{"review": "caf\xe9", "rating": "neg"}\n'
+    (served / "reviews.jsonl").write_bytes(body)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # no request lines on stderr
+            pass
+
+    handler = functools.partial(Quiet, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/reviews.jsonl"
+        params = _text_params(url, sha256=hashlib.sha256(body).hexdigest())
+        raw = build_raw_dataset(load_source(params, tmp_path), params)
+        assert raw[TEXT].tolist() == ["good stuff", "caf\ufffd"]
+        assert raw[LABEL].tolist() == ["pos", "neg"]
+        wrong = _text_params(url, sha256="0" * 64)
+        with pytest.raises(DataError, match="sha256 mismatch"):
+            load_source(wrong, tmp_path / "other")
+    finally:
+        server.shutdown()
+        server.server_close()
