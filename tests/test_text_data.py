@@ -11,6 +11,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stages.core.common.errors import DataError, ParamsError
 from stages.core.common.io import write_parquet
@@ -621,3 +623,80 @@ def test_a_text_source_over_http_is_checked_and_read(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_copy_kept_is_the_first_that_passes_the_other_checks() -> None:
+    frame = make_text_frame()
+    n = len(frame)
+    copies = pd.DataFrame(
+        [
+            {TEXT: "Hello   World", LABEL: "pos", DOMAIN: "elsewhere"},
+            {TEXT: "hello world", LABEL: "pos", DOMAIN: "base"},
+            {TEXT: "HELLO WORLD", LABEL: "pos", DOMAIN: "target"},
+        ]
+    )
+    result = _text_gate(pd.concat([frame, copies], ignore_index=True))
+    reasons = dict(zip(result.rejected["raw_row"], result.rejected["reason"], strict=True))
+    assert reasons == {
+        n: "domain 'elsewhere' not in ['base', 'target']; text (normalized) duplicate of row "
+        f"{n + 1}",
+        n + 2: f"text (normalized) duplicate of row {n + 1}",
+    }
+    assert "hello world" in result.clean[TEXT].tolist()
+    assert result.report["checks"]["duplicate"] == 2
+
+
+TEXT_ALPHABET = ["a", "A", "b", " ", "\t", "\ufffd", "é"]
+
+text_rows = st.lists(
+    st.tuples(
+        st.one_of(st.none(), st.text(alphabet=TEXT_ALPHABET, max_size=6)),
+        st.sampled_from(["pos", "neg", None]),
+        st.sampled_from(["base", "target", "elsewhere", None]),
+    ),
+    min_size=1,
+    max_size=16,
+)
+
+
+def _values(frame: pd.DataFrame) -> list[list]:
+    return [[None if pd.isna(v) else v for v in row] for row in frame.itertuples(index=False)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(text_rows)
+def test_the_text_gate_loses_nothing_and_lets_nothing_bad_through(rows) -> None:
+    frame = pd.DataFrame(rows, columns=[TEXT, LABEL, DOMAIN]).astype(object)
+    frame = frame.where(frame.notna(), None)
+    limits = (1, 5)
+    result = gate(
+        frame,
+        [],
+        ValidateParams(text_length=limits, max_quarantine_fraction=1.0, min_rows_per_class=1),
+        ["base", "target"],
+        text=True,
+    )
+    report, clean, rejected = result.report, result.clean, result.rejected
+    assert report["rows_in"] == len(frame) == report["rows_clean"] + report["rows_quarantined"]
+    assert len(clean) == report["rows_clean"] and len(rejected) == report["rows_quarantined"]
+    # Rejected rows keep their values; clean rows are exactly the others, in order.
+    original = frame.iloc[rejected["raw_row"].to_numpy()]
+    assert _values(rejected[[TEXT, LABEL, DOMAIN]]) == _values(original)
+    assert (rejected["reason"].str.len() > 0).all()
+    kept = frame.drop(index=rejected["raw_row"].tolist())
+    assert _values(clean[[TEXT, LABEL, DOMAIN]]) == _values(kept)
+    # Nothing bad in the clean table.
+    texts = clean[TEXT].tolist()
+    assert all(isinstance(t, str) and t.strip() for t in texts)
+    assert all("\ufffd" not in t and limits[0] <= len(t) <= limits[1] for t in texts)
+    assert clean[LABEL].notna().all() and clean[DOMAIN].isin(["base", "target"]).all()
+    forms = [" ".join(t.split()).casefold() for t in texts]
+    assert len(forms) == len(set(forms))
+    # No clean text carries a label that another copy of it contradicts.
+    for form in set(forms):
+        labels = {
+            lab
+            for t, lab in zip(frame[TEXT], frame[LABEL], strict=True)
+            if isinstance(t, str) and " ".join(t.split()).casefold() == form and lab is not None
+        }
+        assert len(labels) == 1

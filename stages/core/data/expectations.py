@@ -453,11 +453,13 @@ def _duplicate_reasons(
 
 
 def _text_duplicate_reasons(
-    frame: pd.DataFrame, column: str, rows: np.ndarray
+    frame: pd.DataFrame, column: str, rows: np.ndarray, failing: np.ndarray
 ) -> tuple[dict[int, str], int, int]:
     """Decide among texts that occur more than once after normalization (in any domain):
-    with conflicting labels every copy goes; otherwise each copy after the first goes.
-    Returns (row -> reason, duplicates, conflicts)."""
+    with conflicting labels every copy goes; otherwise every copy but one goes, the first
+    that no other check quarantines (``failing``: a blank domain or a stray space in the first
+    copy must not cost the text its valid copy), else the first. Returns (row -> reason,
+    duplicates, conflicts)."""
     if len(rows) == 0:
         return {}, 0, 0
     copies = pd.DataFrame(
@@ -473,7 +475,9 @@ def _text_duplicate_reasons(
             others = [r for r in members if r != row]
             reasons[row] = f"{column} (normalized) equal to row {_rows(others)} with another label"
     exact = copies.groupby(["text", "label"], dropna=False, sort=False).ngroup().to_numpy()
-    first = pd.Series(rows).groupby(exact).transform("min").to_numpy()
+    # Failing rows rank after passing ones: the first passing copy of a group stays.
+    rank = pd.Series(np.where(np.isin(rows, failing), rows + len(frame), rows))
+    first = rank.groupby(exact).transform("min").to_numpy() % len(frame)
     repeated = ~conflicting & (rows != first)
     for row, original in zip(rows[repeated].tolist(), first[repeated].tolist(), strict=True):
         reasons[row] = f"{column} (normalized) duplicate of row {original}"
@@ -547,6 +551,7 @@ def gate(
     failing_rows: dict[str, set[int]] = defaultdict(set)
     duplicates = conflicts = 0
     unknown_classes: set = set()  # labels the suite rejects are not classes of the dataset
+    text_copies: list[tuple[str, np.ndarray, dict]] = []
     for item in result.results:
         config = item.expectation_config
         kind, kwargs = config.type, dict(config.kwargs)
@@ -581,12 +586,8 @@ def gate(
             conflicts += conflicting
             summary["failing_rows"] = len(found)
         elif kind == TEXT_DUPLICATES:
-            found, repeated, conflicting = _text_duplicate_reasons(frame, kwargs["column"], rows)
-            reason_rows.append(np.fromiter(found, dtype=np.int64, count=len(found)))
-            reason_texts += found.values()
-            duplicates += repeated
-            conflicts += conflicting
-            summary["failing_rows"] = len(found)
+            # Decided after the other checks: the copy kept is the first one that passes them.
+            text_copies.append((kwargs["column"], rows, summary))
         else:
             at, texts = _row_reasons(kind, kwargs, frame, rows)
             reason_rows.append(at)
@@ -594,6 +595,14 @@ def gate(
             failing_rows[_check_name(kind, kwargs)].update(rows.tolist())
             if kind == IN_SET and kwargs.get("column") == LABEL:
                 unknown_classes.update(plain(v) for v in frame[LABEL].to_numpy()[rows])
+    for column, rows, summary in text_copies:
+        failing = np.unique(np.concatenate([np.empty(0, dtype=np.int64), *reason_rows]))
+        found, repeated, conflicting = _text_duplicate_reasons(frame, column, rows, failing)
+        reason_rows.append(np.fromiter(found, dtype=np.int64, count=len(found)))
+        reason_texts += found.values()
+        duplicates += repeated
+        conflicts += conflicting
+        summary["failing_rows"] = len(found)
     if missing_columns:
         raise DataError(
             f"{RAW}: missing columns {sorted(set(missing_columns), key=missing_columns.index)} "
