@@ -156,8 +156,9 @@ def test_integer_labels_stay_integers_and_mixed_labels_become_strings(tmp_path: 
     assert raw[LABEL].tolist() == [2, 1, 0, 2] and raw[LABEL].dtype == np.int64
     lines = [{"review": "good", "rating": 1}, {"review": "bad", "rating": "neg"}]
     content = "\n".join(json.dumps(line) for line in lines).encode()
-    raw, _, _ = _ingest(tmp_path, "mixed.jsonl", content)
+    raw, _, _ = _ingest(tmp_path, "mixed.jsonl", b"\xef\xbb\xbf" + content)  # with a BOM
     assert raw[LABEL].tolist() == ["1", "neg"]
+    assert raw[TEXT].tolist() == ["good", "bad"]
 
 
 def test_bytes_that_are_not_utf8_are_kept_as_replacement_characters(tmp_path: Path) -> None:

@@ -168,7 +168,8 @@ def read_jsonl(path: Path, source: str, text: bool = False) -> pd.DataFrame:
     except OSError as exc:
         raise DataError(f"{source}: cannot read the file ({exc.strerror or exc})") from None
     try:
-        content = data.decode("utf-8", errors="replace" if text else "strict")
+        # utf-8-sig: a byte order mark at the start (Windows editors write one) is not JSON.
+        content = data.decode("utf-8-sig", errors="replace" if text else "strict")
     except UnicodeDecodeError:
         raise DataError(_not_utf8(path, source)) from None
     records = []
