@@ -93,6 +93,10 @@ def test_shots_per_class_may_be_null() -> None:
             "params.yaml: data.features: applies to numeric data; set it to null",
         ),
         ({"data": {"text_column": ""}}, "params.yaml: data.text_column: String should have"),
+        (
+            {"data": {"text_column": "label", "image_shape": None}},
+            "params.yaml: data.text_column: 'label' is also data.label or data.domain_column",
+        ),
         ({"validate": {"text_length": [5, 2]}}, "params.yaml: validate.text_length: must be"),
         ({"validate": {"text_length": [-1, 2]}}, "params.yaml: validate.text_length: must be"),
         ({"validate": {"text_length": "long"}}, "params.yaml: validate.text_length: "),

@@ -303,6 +303,11 @@ class Params(_Section):
     def _text_has_no_features(self) -> Params:
         # Here, not in DataParams, so that the one-line error names the key in full.
         if self.data.text_column is not None:
+            if self.data.text_column in (self.data.label, self.data.domain_column):
+                raise ValueError(
+                    f"data.text_column: {self.data.text_column!r} is also data.label or "
+                    "data.domain_column; name the column holding the text"
+                )
             if self.data.features is not None:
                 raise ValueError(
                     "data.features: applies to numeric data; set it to null with data.text_column"
