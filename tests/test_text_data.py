@@ -548,6 +548,13 @@ def test_a_one_domain_text_dataset_splits_under_both_roles(text_repo: Path) -> N
     _write_params({"base_domain": "reviews"})
     ingest.main()
     assert set(pd.read_parquet(layout.RAW)[DOMAIN]) == {"reviews"}
+    validate.main(["--infer-suite", "data/suites/text.json"])
+    kinds = {item["type"]: item["kwargs"] for item in load_suite("data/suites/text.json")}
+    assert kinds["expect_column_values_to_be_in_set"] == {
+        "column": DOMAIN,
+        "value_set": ["reviews"],
+    }
+    assert "expect_column_normalized_values_to_be_unique" in kinds
     validate.main([])
     assert read_json(layout.VALIDATION_REPORT)["passed"] is True
     split.main()
