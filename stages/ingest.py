@@ -1,4 +1,5 @@
-"""Stage ingest: the source in params -> data/raw/dataset.parquet (features, label, domain)."""
+"""Stage ingest: the source in params -> data/raw/dataset.parquet (features, label, domain; for
+a text dataset text, label, domain)."""
 
 from stages.core.tracking.runs import start_worker
 
@@ -30,10 +31,11 @@ def main() -> None:
         skipped = skipped_columns(source, params.data)
         write_parquet(layout.RAW, raw)
         domains = raw[DOMAIN].value_counts()
+        text = params.data.text_column is not None
         run.log_metrics(
             {
                 "rows": len(raw),
-                "features": raw.shape[1] - 2,
+                **({} if text else {"features": raw.shape[1] - 2}),
                 "classes": raw[LABEL].nunique(),
                 "rows_base": int(domains.get(params.data.base_domain, 0)),
                 "rows_target": int(domains.get(params.data.target_domain, 0)),
@@ -41,7 +43,10 @@ def main() -> None:
         )
     if skipped:
         print(f"ingest: not used: columns {skipped} (list them in data.features to use them)")
-    print(f"ingest: {len(raw)} rows, {raw.shape[1] - 2} features -> {layout.RAW}")
+    if text:
+        print(f"ingest: {len(raw)} texts from column {params.data.text_column!r} -> {layout.RAW}")
+    else:
+        print(f"ingest: {len(raw)} rows, {raw.shape[1] - 2} features -> {layout.RAW}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,13 @@ from stages.core.common.errors import DataError, GateError
 from stages.core.common.io import write_json, write_parquet, write_text
 from stages.core.common.params import load_params
 from stages.core.common.schema import RESERVED
-from stages.core.data.expectations import gate, infer_suite, load_suite, suite_json
+from stages.core.data.expectations import (
+    gate,
+    infer_suite,
+    infer_text_suite,
+    load_suite,
+    suite_json,
+)
 from stages.core.data.validation_report import render_validation_html
 from stages.core.tracking.runs import stage_run
 
@@ -49,11 +55,12 @@ def read_raw() -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv or [])
     params = load_params()
-    domains = [params.data.base_domain, params.data.target_domain]
+    domains = params.data.domains()
+    text = params.data.text_column is not None
     if args.infer_suite:
         raw = read_raw()
         features = params.data.features or [c for c in raw.columns if c not in RESERVED]
-        suite = infer_suite(raw, features, domains)
+        suite = infer_text_suite(raw, domains) if text else infer_suite(raw, features, domains)
         write_text(args.infer_suite, suite_json(suite))
         print(
             f"validate: wrote {len(suite)} expectations inferred from {layout.RAW} "
@@ -65,12 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     sections = {"data": params.section("data"), "validate": params.section("validate")}
     with stage_run("validate", params.tracking.experiment, sections, pipeline_params=params) as run:
         raw = read_raw()
-        features = params.data.features or [c for c in raw.columns if c not in RESERVED]
-        result = gate(raw, features, params.validate_, domains, suite)
+        features = (
+            [] if text else params.data.features or [c for c in raw.columns if c not in RESERVED]
+        )
+        result = gate(raw, features, params.validate_, domains, suite, text=text)
         write_parquet(layout.CLEAN, result.clean)
         write_parquet(layout.REJECTED, result.rejected)
         write_json(layout.VALIDATION_REPORT, result.report)
-        source = params.validate_.suite or "built from params (validate.feature_range, domains)"
+        built = "validate.text_length" if text else "validate.feature_range"
+        source = params.validate_.suite or f"built from params ({built}, domains)"
         page = render_validation_html(result.report, result.expectations, result.rejected, source)
         write_text(layout.VALIDATION_HTML, page)
         run.log_metrics(result.report)

@@ -45,6 +45,7 @@ def test_section_is_plain_data_keyed_as_in_params_yaml(params: Params) -> None:
         "feature_range": [0.0, 16.0],
         "max_quarantine_fraction": 0.05,
         "min_rows_per_class": 5,
+        "text_length": [1, 20000],
         "suite": None,
     }
     assert params.section("split") == {"seed": 42, "test_size": 0.2, "val_size": 0.1}

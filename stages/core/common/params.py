@@ -61,6 +61,8 @@ class DataParams(_Section):
     image_shape: list[int] | None = None
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", validate_default=True)
     download_timeout: float = Field(30.0, gt=0)
+    # The column holding the text of a text dataset; null: numeric features (or images).
+    text_column: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _distinct_domains(self) -> DataParams:
@@ -74,6 +76,19 @@ class DataParams(_Section):
         if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", value):  # sklearn:, https://: no path
             repo_path(value)
         return value
+
+    @property
+    def single_domain(self) -> bool:
+        """A text dataset without a domain column is one domain: every row is in
+        ``base_domain``, and the split stage gives the target role that domain's splits."""
+        return self.text_column is not None and self.domain_column is None
+
+    def domains(self) -> list[str]:
+        """The domain values the data holds: base and target, or the base alone for a
+        single-domain text dataset."""
+        if self.single_domain:
+            return [self.base_domain]
+        return [self.base_domain, self.target_domain]
 
     @field_validator("sha256")
     @classmethod
@@ -105,6 +120,15 @@ class ValidateParams(_Section):
     max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
     min_rows_per_class: int = Field(5, ge=1)
     suite: str | None = None
+    # Text datasets: a text shorter or longer than this, in characters, is quarantined.
+    text_length: tuple[int, int] = (1, 20000)
+
+    @field_validator("text_length")
+    @classmethod
+    def _text_length(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 0 or value[0] > value[1]:
+            raise ValueError("must be [min, max] characters with 0 <= min <= max")
+        return value
 
     @field_validator("suite")
     @classmethod
@@ -253,7 +277,8 @@ class LoraParams(_Section):
 
 
 class FinetuneParams(_Section):
-    shots_per_class: int = Field(5, ge=1)
+    # null: every labelled row of the target's train split.
+    shots_per_class: int | None = Field(5, ge=1)
     strategy: Literal["head", "full", "lora"] = "head"
     body_lr: float | None = Field(None, gt=0)
     lora: LoraParams = Field(default_factory=LoraParams)
@@ -330,6 +355,25 @@ class Params(_Section):
             raise ValueError(
                 f"model.transformer.patch_size: {patch} does not divide data.image_shape {shape}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _text_has_no_features(self) -> Params:
+        # Here, not in DataParams, so that the one-line error names the key in full.
+        if self.data.text_column is not None:
+            if self.data.text_column in (self.data.label, self.data.domain_column):
+                raise ValueError(
+                    f"data.text_column: {self.data.text_column!r} is also data.label or "
+                    "data.domain_column; name the column holding the text"
+                )
+            if self.data.features is not None:
+                raise ValueError(
+                    "data.features: applies to numeric data; set it to null with data.text_column"
+                )
+            if self.data.image_shape is not None:
+                raise ValueError(
+                    "data.image_shape: applies to images; set it to null with data.text_column"
+                )
         return self
 
     def section(self, name: str) -> dict:

@@ -3,7 +3,10 @@
 Per feature, the population stability index (PSI) and the two-sample Kolmogorov-Smirnov
 statistic, computed for every feature at once with NumPy. For the demo the base -> target
 comparison measures the domain gap that fine-tuning closes; train vs test inside a domain
-should show almost none."""
+should show almost none.
+
+For a text dataset: the PSI and KS of the texts' length in characters, and the share of the
+current sample's word tokens (lower-cased) that the reference sample never has."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import numpy as np
 import pandas as pd
 
 from stages.core.common.numbers import rounded
+from stages.core.common.schema import TEXT
+from stages.core.data.text import lengths, tokens
 
 PSI_BINS = 10
 
@@ -95,6 +100,67 @@ def drift_report(splits: dict[str, pd.DataFrame], features: list[str]) -> dict:
         "features": {
             feature: {name: result["features"][feature] for name, result in comparisons.items()}
             for feature in features
+        },
+    }
+
+
+TEXT_LENGTH = "text_length"  # the one "feature" of a text dataset's drift report and plot
+
+
+def compare_texts(reference: pd.Series, current: pd.Series) -> dict:
+    """Drift of ``current`` texts against ``reference`` ones: PSI and KS of the length in
+    characters, mean lengths, and the shares of current word tokens unseen in the reference
+    (of all their occurrences, and of the distinct ones)."""
+    a, b = lengths(reference)[:, None], lengths(current)[:, None]
+    seen = {token for text in reference for token in tokens(text)}
+    counts: dict[str, int] = {}
+    for text in current:
+        for token in tokens(text):
+            counts[token] = counts.get(token, 0) + 1
+    total = sum(counts.values())
+    unseen = {token: n for token, n in counts.items() if token not in seen}
+    return {
+        "length_psi": rounded(psi(a, b)[0]),
+        "length_ks": rounded(ks_statistics(a, b)[0]),
+        "length_mean_reference": rounded(a.mean()),
+        "length_mean_current": rounded(b.mean()),
+        "unseen_token_share": rounded(sum(unseen.values()) / total if total else 0.0),
+        "unseen_vocabulary_share": rounded(len(unseen) / len(counts) if counts else 0.0),
+    }
+
+
+def text_drift_report(splits: dict[str, pd.DataFrame], single_domain: bool = False) -> dict:
+    """A text dataset's drift: between the domains (every split of each; not for a single
+    domain) and between train and test inside each domain. ``features`` holds the length's
+    PSI and KS under ``text_length``, so that ``most_shifted`` draws it as for features."""
+
+    def texts(*names: str) -> pd.Series:
+        return pd.concat([splits[name][TEXT] for name in names], ignore_index=True)
+
+    roles = ["base"] if single_domain else ["base", "target"]
+    comparisons = {}
+    if not single_domain:
+        base = [name for name in splits if name.startswith("base_")]
+        target = [name for name in splits if name.startswith("target_")]
+        comparisons["domain_gap"] = compare_texts(texts(*base), texts(*target))
+    for role in roles:
+        comparisons[f"{role}_train_vs_test"] = compare_texts(
+            texts(f"{role}_train"), texts(f"{role}_test")
+        )
+    return {
+        "method": {
+            "psi_bins": PSI_BINS,
+            "psi_floor": PSI_FLOOR,
+            "shifted_psi": SHIFTED_PSI,
+            "length": "characters",
+            "tokens": "lower-cased runs of letters, digits and underscores",
+        },
+        "summary": comparisons,
+        "features": {
+            TEXT_LENGTH: {
+                name: {"psi": result["length_psi"], "ks": result["length_ks"]}
+                for name, result in comparisons.items()
+            }
         },
     }
 

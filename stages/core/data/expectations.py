@@ -6,7 +6,12 @@ Row-level checks quarantine the row with every reason it fails: a missing value,
 that is infinite or outside ``validate.feature_range``, an unknown domain or class, an exact
 duplicate of an earlier row (the first copy is kept), identical features with conflicting
 labels (every copy goes). Nothing is lost: rows_in == rows_clean + rows_quarantined, and a
-quarantined row keeps every original column."""
+quarantined row keeps every original column.
+
+A text dataset (columns text, label, domain) has its own suite: a text that is missing or
+blank, not valid UTF-8 (U+FFFD from ingest), of a length outside ``validate.text_length``,
+an exact copy of an earlier text after whitespace and case normalization (the first stays) or
+the same normalized text with another label (every copy goes) quarantines the row."""
 
 from __future__ import annotations
 
@@ -24,8 +29,9 @@ from stages.core.common.errors import DataError, one_line
 from stages.core.common.layout import RAW, REJECTED
 from stages.core.common.numbers import number_like, plain
 from stages.core.common.params import ValidateParams
-from stages.core.common.schema import DOMAIN, LABEL
+from stages.core.common.schema import DOMAIN, LABEL, TEXT
 from stages.core.common.telemetry import silence
+from stages.core.data.text import first_invalid, normalized
 
 REASON = "reason"
 
@@ -68,6 +74,19 @@ DUPLICATES = {
     "expect_compound_columns_to_be_unique",
     "expect_column_values_to_be_unique",
 }
+
+
+# Text copies after normalization (stages/core/data/gx_text.py): the gate decides which to keep.
+TEXT_DUPLICATES = "expect_column_normalized_values_to_be_unique"
+
+
+NOT_BLANK = "expect_column_values_to_not_be_blank"
+
+
+VALID_UTF8 = "expect_column_values_to_be_valid_utf8"
+
+
+LENGTHS = "expect_column_value_lengths_to_be_between"
 
 
 NOT_NULL_COLUMN = "expect_column_values_to_not_be_null"
@@ -200,6 +219,45 @@ def infer_suite(frame: pd.DataFrame, features: list[str], domains: list[str]) ->
     return _suite(features, lows, highs, {LABEL: classes, DOMAIN: list(domains)})
 
 
+def _text_suite(low: int, high: int, value_sets: dict[str, list]) -> list[dict]:
+    return [
+        expectation(
+            "expect_table_columns_to_match_set", column_set=[TEXT, LABEL, DOMAIN], exact_match=False
+        ),
+        expectation("expect_table_row_count_to_be_between", min_value=1),
+        expectation("expect_column_values_to_not_be_null", column=TEXT),
+        expectation("expect_column_values_to_not_be_null", column=LABEL),
+        expectation("expect_column_values_to_not_be_null", column=DOMAIN),
+        expectation(NOT_BLANK, column=TEXT),
+        expectation(VALID_UTF8, column=TEXT),
+        expectation(LENGTHS, column=TEXT, min_value=low, max_value=high),
+        expectation(TEXT_DUPLICATES, column=TEXT),
+        *(
+            expectation(IN_SET, column=column, value_set=values)
+            for column, values in value_sets.items()
+        ),
+    ]
+
+
+def text_params_suite(params: ValidateParams, domains: list[str]) -> list[dict]:
+    """The text suite built from params: columns present, at least one row, nothing missing,
+    no blank text, valid UTF-8, lengths inside ``validate.text_length``, no two texts equal
+    after normalization, domain one of ``domains``."""
+    low, high = params.text_length
+    return _text_suite(int(low), int(high), {DOMAIN: list(domains)})
+
+
+def infer_text_suite(frame: pd.DataFrame, domains: list[str]) -> list[dict]:
+    """A text suite inferred from the data: lengths between the observed shortest and
+    longest text, the label one of the observed classes, the domain one of ``domains``."""
+    texts = frame[TEXT].dropna()
+    if texts.empty:
+        raise DataError(f"{RAW}: column '{TEXT}' has no texts to infer lengths from")
+    sizes = texts.map(len)
+    classes = sorted((plain(v) for v in frame[LABEL].dropna().unique()), key=_sort_key)
+    return _text_suite(int(sizes.min()), int(sizes.max()), {LABEL: classes, DOMAIN: list(domains)})
+
+
 def _sort_key(value: Any) -> tuple:
     return (isinstance(value, str), value)
 
@@ -256,6 +314,7 @@ def _to_gx(suite: list[dict], where: str = "suite") -> list:
     )
 
     import stages.core.data.gx_multicolumn  # noqa: F401 (registers the multicolumn expectations)
+    import stages.core.data.gx_text  # noqa: F401 (registers the text expectations)
 
     built = []
     for number, item in enumerate(suite, start=1):
@@ -353,6 +412,20 @@ def _row_reasons(
                 else f"{columns[c]} is {value}"
             )
         return rows[at], reasons
+    if kind == NOT_BLANK:
+        return rows, [f"{columns[0]} is blank"] * len(rows)
+    if kind == VALID_UTF8:
+        values = frame[columns[0]].to_numpy()[rows]
+        return rows, [
+            f"{columns[0]} is not valid UTF-8 (U+FFFD or a lone surrogate at character "
+            f"{first_invalid(value)})"
+            for value in values
+        ]
+    if kind == LENGTHS:
+        values = frame[columns[0]].to_numpy()[rows]
+        low, high = kwargs.get("min_value"), kwargs.get("max_value")
+        span = f"[{'0' if low is None else low}, {'inf' if high is None else high}]"
+        return rows, [f"{columns[0]} has {len(v)} characters, outside {span}" for v in values]
     if kind == IN_SET:
         values = frame[columns[0]].to_numpy()[rows]
         allowed = list(kwargs.get("value_set", []))
@@ -395,6 +468,38 @@ def _duplicate_reasons(
     repeated = ~conflicting & (rows != first)
     for row, original in zip(rows[repeated].tolist(), first[repeated].tolist(), strict=True):
         reasons[row] = f"duplicate of row {original}"
+    return reasons, int(repeated.sum()), int(conflicting.sum())
+
+
+def _text_duplicate_reasons(
+    frame: pd.DataFrame, column: str, rows: np.ndarray, failing: np.ndarray
+) -> tuple[dict[int, str], int, int]:
+    """Decide among texts that occur more than once after normalization (in any domain):
+    with conflicting labels every copy goes; otherwise every copy but one goes, the first
+    that no other check quarantines (``failing``: a blank domain or a stray space in the first
+    copy must not cost the text its valid copy), else the first. Returns (row -> reason,
+    duplicates, conflicts)."""
+    if len(rows) == 0:
+        return {}, 0, 0
+    copies = pd.DataFrame(
+        {"text": normalized(frame[column].iloc[rows]).to_numpy(), "label": frame[LABEL].iloc[rows]}
+    )
+    same_text = copies.groupby("text", sort=False).ngroup().to_numpy()
+    labels = copies["label"].groupby(same_text).nunique()  # missing labels do not count
+    conflicting = np.isin(same_text, labels.index[labels.to_numpy() > 1])
+    reasons: dict[int, str] = {}
+    for group in np.unique(same_text[conflicting]):
+        members = rows[same_text == group].tolist()
+        for row in members:
+            others = [r for r in members if r != row]
+            reasons[row] = f"{column} (normalized) equal to row {_rows(others)} with another label"
+    exact = copies.groupby(["text", "label"], dropna=False, sort=False).ngroup().to_numpy()
+    # Failing rows rank after passing ones: the first passing copy of a group stays.
+    rank = pd.Series(np.where(np.isin(rows, failing), rows + len(frame), rows))
+    first = rank.groupby(exact).transform("min").to_numpy() % len(frame)
+    repeated = ~conflicting & (rows != first)
+    for row, original in zip(rows[repeated].tolist(), first[repeated].tolist(), strict=True):
+        reasons[row] = f"{column} (normalized) duplicate of row {original}"
     return reasons, int(repeated.sum()), int(conflicting.sum())
 
 
@@ -441,19 +546,22 @@ def gate(
     params: ValidateParams,
     domains: list[str],
     suite: list[dict] | None = None,
+    text: bool = False,
 ) -> GateResult:
-    """Validate the raw table with ``suite`` (default: built from params); quarantine failing
-    rows, then check the quarantined share and the clean rows per class and domain. Rows
-    without a label or a domain are quarantined even when ``suite`` has no check for them
-    (``with_required_checks``).
+    """Validate the raw table with ``suite`` (default: built from params; the text suite when
+    ``text``); quarantine failing rows, then check the quarantined share and the clean rows
+    per class and domain. Rows without a label or a domain are quarantined even when
+    ``suite`` has no check for them (``with_required_checks``).
 
     A table-level failure raises DataError. The dataset-level gates are listed in
     ``report["failures"]``, so that the caller can write every output before it stops.
     """
     frame = frame.reset_index(drop=True)
-    suite = with_required_checks(
-        suite if suite is not None else params_suite(features, params, domains)
-    )
+    if suite is None:
+        suite = (
+            text_params_suite(params, domains) if text else params_suite(features, params, domains)
+        )
+    suite = with_required_checks(suite)
     result = run_suite(frame, suite)
     missing_columns: list[str] = []
     table_failures: list[tuple[int, str]] = []
@@ -463,6 +571,7 @@ def gate(
     failing_rows: dict[str, set[int]] = defaultdict(set)
     duplicates = conflicts = 0
     unknown_classes: set = set()  # labels the suite rejects are not classes of the dataset
+    text_copies: list[tuple[str, np.ndarray, dict]] = []
     for item in result.results:
         config = item.expectation_config
         kind, kwargs = config.type, dict(config.kwargs)
@@ -496,6 +605,9 @@ def gate(
             duplicates += repeated
             conflicts += conflicting
             summary["failing_rows"] = len(found)
+        elif kind == TEXT_DUPLICATES:
+            # Decided after the other checks: the copy kept is the first one that passes them.
+            text_copies.append((kwargs["column"], rows, summary))
         else:
             at, texts = _row_reasons(kind, kwargs, frame, rows)
             reason_rows.append(at)
@@ -503,17 +615,29 @@ def gate(
             failing_rows[_check_name(kind, kwargs)].update(rows.tolist())
             if kind == IN_SET and kwargs.get("column") == LABEL:
                 unknown_classes.update(plain(v) for v in frame[LABEL].to_numpy()[rows])
+    for column, rows, summary in text_copies:
+        failing = np.unique(np.concatenate([np.empty(0, dtype=np.int64), *reason_rows]))
+        found, repeated, conflicting = _text_duplicate_reasons(frame, column, rows, failing)
+        reason_rows.append(np.fromiter(found, dtype=np.int64, count=len(found)))
+        reason_texts += found.values()
+        duplicates += repeated
+        conflicts += conflicting
+        summary["failing_rows"] = len(found)
     if missing_columns:
         raise DataError(
             f"{RAW}: missing columns {sorted(set(missing_columns), key=missing_columns.index)} "
-            "(data.features, label, domain)"
+            + ("(text, label, domain)" if text else "(data.features, label, domain)")
         )
     if table_failures:
         first = min(table_failures)[1]
         more = len(table_failures) - 1
         raise DataError(f"{RAW}: {first}" + (f" (and {more} more table checks)" if more else ""))
 
-    checks = {"missing_columns": 0, "not_null": 0, "in_range": 0, "known_domain": 0}
+    if text:
+        checks = {"missing_columns": 0, "not_null": 0, "blank_text": 0, "invalid_utf8": 0}
+        checks |= {"text_length": 0, "known_domain": 0}
+    else:
+        checks = {"missing_columns": 0, "not_null": 0, "in_range": 0, "known_domain": 0}
     checks |= {name: len(rows) for name, rows in failing_rows.items()}
     checks |= {"duplicate": duplicates, "conflicting_label": conflicts}
     clean, rejected = quarantine(frame, reason_rows, reason_texts)
@@ -554,6 +678,12 @@ def _check_name(kind: str, kwargs: dict) -> str:
         return "not_null"
     if kind in BETWEEN:
         return "in_range"
+    if kind == NOT_BLANK:
+        return "blank_text"
+    if kind == VALID_UTF8:
+        return "invalid_utf8"
+    if kind == LENGTHS:
+        return "text_length"
     if kind == IN_SET and kwargs.get("column") == DOMAIN:
         return "known_domain"
     if kind == IN_SET and kwargs.get("column") == LABEL:

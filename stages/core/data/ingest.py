@@ -1,4 +1,5 @@
-"""Ingest: a loaded source -> the canonical raw table (features, label, domain)."""
+"""Ingest: a loaded source -> the canonical raw table (features, label, domain), or for a text
+dataset (``data.text_column``) the table ``text``, ``label``, ``domain``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pandas as pd
 from stages.core.common.errors import DataError
 from stages.core.common.numbers import number_like
 from stages.core.common.params import DataParams
-from stages.core.common.schema import DOMAIN, LABEL, RESERVED
+from stages.core.common.schema import DOMAIN, LABEL, RESERVED, TEXT
+from stages.core.data.text import clean_code_points
 
 
 def resolve_features(frame: pd.DataFrame, params: DataParams) -> list[str]:
@@ -35,7 +37,11 @@ def resolve_features(frame: pd.DataFrame, params: DataParams) -> list[str]:
 
 def skipped_columns(frame: pd.DataFrame, params: DataParams) -> list[str]:
     """Columns that are neither features, label nor domain column: with ``data.features:
-    null``, the non-numeric ones (a column with a stray word in it lands here)."""
+    null``, the non-numeric ones (a column with a stray word in it lands here). For a text
+    dataset, every column but the text, label and domain columns."""
+    if params.text_column is not None:
+        used = {params.text_column, params.label, params.domain_column}
+        return [str(c) for c in frame.columns if c not in used]
     used = {params.label, params.domain_column, *resolve_features(frame, params)}
     return [str(c) for c in frame.columns if c not in used]
 
@@ -96,6 +102,8 @@ def build_raw_dataset(
             f"data.label: column '{params.label}' not in {params.source} "
             f"(columns: {_first_columns(frame)}); set data.label to the label column"
         )
+    if params.text_column is not None:
+        return build_text_dataset(frame, params)
     features = resolve_features(frame, params)
     x = pd.DataFrame({c: _numeric(frame[c], c, params.source) for c in features})
     labels = frame[params.label]
@@ -116,6 +124,73 @@ def build_raw_dataset(
     raw[LABEL] = labels.to_numpy()
     raw[DOMAIN] = domain.to_numpy()
     return raw.reset_index(drop=True)
+
+
+def build_text_dataset(frame: pd.DataFrame, params: DataParams) -> pd.DataFrame:
+    """The canonical raw table of a text dataset: ``text`` (str, or None when missing; each
+    byte that is not UTF-8 and each lone surrogate as U+FFFD), ``label`` (as in the source:
+    integers or strings) and ``domain`` (the domain column as text; without one, every row is
+    in ``data.base_domain``: one domain)."""
+    column = params.text_column
+    if column not in frame.columns:
+        raise DataError(
+            f"data.text_column: column '{column}' not in {params.source} "
+            f"(columns: {_first_columns(frame)}); set data.text_column to the text column"
+        )
+    texts = text_values(frame[column], column, params.source)
+    if params.domain_column is not None:
+        if params.domain_column not in frame.columns:
+            raise DataError(
+                f"data.domain_column: column '{params.domain_column}' not in {params.source} "
+                f"(columns: {_first_columns(frame)})"
+            )
+        domain = domain_text(frame[params.domain_column]).to_numpy()
+    else:
+        domain = np.full(len(frame), params.base_domain, dtype=object)
+    raw = pd.DataFrame(
+        {TEXT: texts, LABEL: _label_values(frame[params.label]).to_numpy(), DOMAIN: domain}
+    )
+    return raw.reset_index(drop=True)
+
+
+def text_values(column: pd.Series, name: str, source: str) -> np.ndarray:
+    """A text column as str or None per row; a numeric column or one with no text at all
+    stops ingest with one line. Bytes (a Parquet binary column) are decoded as UTF-8 with
+    U+FFFD for bad bytes; other values (a JSON number among strings) are written as text."""
+    numbers = column.map(lambda v: isinstance(v, (int, float, np.number)) and not pd.isna(v))
+    if (pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column)) or (
+        column.notna().any() and numbers[column.notna()].all()
+    ):
+        raise DataError(
+            f"{source}: column '{name}' (data.text_column) holds numbers ({column.dtype}), "
+            "not text; set data.text_column to the column holding the text"
+        )
+
+    def one(value: object) -> str | None:
+        if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+            return None
+        if isinstance(value, bytes):
+            return value.decode("utf-8", errors="replace")
+        return clean_code_points(value if isinstance(value, str) else str(value))
+
+    texts = np.array([one(v) for v in column.tolist()], dtype=object)
+    if not any(isinstance(t, str) and t.strip() for t in texts):
+        raise DataError(
+            f"{source}: every text in column '{name}' (data.text_column) is empty or missing "
+            f"({len(texts)} rows); set data.text_column to the column holding the text"
+        )
+    return texts
+
+
+def _label_values(labels: pd.Series) -> pd.Series:
+    """Labels as the source has them; a mix of strings and numbers (JSON Lines) as strings,
+    which Parquet can store and which compare as one kind."""
+    present = labels.dropna()
+    if labels.dtype == object and len(present):
+        kinds = {isinstance(v, str) for v in present}
+        if kinds == {True, False}:
+            return labels.map(lambda v: None if pd.isna(v) else str(v))
+    return labels
 
 
 def _first_columns(frame: pd.DataFrame, limit: int = 10) -> str:

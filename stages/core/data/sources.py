@@ -1,12 +1,15 @@
 """Sources: read ``data.source`` into a DataFrame.
 
-``sklearn:<name>``, a local CSV or Parquet file, an ``http(s)://`` URL (downloaded into a cache
-and checked against ``data.sha256``) or a folder of images in class subfolders. Every problem a
-user can fix is one line naming the file, URL, line or param."""
+``sklearn:<name>``, a local CSV, TSV, Parquet or JSON Lines file, an ``http(s)://`` URL
+(downloaded into a cache and checked against ``data.sha256``) or a folder of images in class
+subfolders. For a text dataset (``data.text_column``) bytes that are not UTF-8 are read as
+U+FFFD, so that the text gate quarantines their rows instead of the whole file failing. Every
+problem a user can fix is one line naming the file, URL, line or param."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -22,6 +25,7 @@ from stages.core.common.errors import DataError, one_line
 from stages.core.common.io import write_atomic
 from stages.core.common.layout import SOURCE_CACHE
 from stages.core.common.params import DataParams
+from stages.core.data.text import clean_code_points
 
 SKLEARN_PREFIX = "sklearn:"
 
@@ -29,7 +33,14 @@ SKLEARN_PREFIX = "sklearn:"
 URL_SCHEMES = ("http://", "https://")
 
 
-TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+TABLE_SUFFIXES = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
 
 
 # A download is tried 1 + DOWNLOAD_RETRIES times (connection errors, timeouts, HTTP 429/5xx),
@@ -55,7 +66,7 @@ def load_source(params: DataParams, root: Path | str = ".") -> pd.DataFrame:
             raise DataError(f"data.sha256: required for the URL {source}")
         kind = table_kind(urlparse(source).path, source)
         path = fetch(source, params.sha256, Path(root) / SOURCE_CACHE, params.download_timeout)
-        return read_table(path, source, kind)
+        return read_table(path, source, kind, text=params.text_column is not None)
     scheme = _SCHEME.match(source)
     if scheme:
         raise DataError(
@@ -64,6 +75,11 @@ def load_source(params: DataParams, root: Path | str = ".") -> pd.DataFrame:
         )
     path = Path(root) / source
     if path.is_dir():
+        if params.text_column is not None:
+            raise DataError(
+                f"data.text_column: {source} is a folder; a text dataset is one CSV, TSV, "
+                "Parquet or JSON Lines file"
+            )
         if params.sha256 is not None:
             raise DataError(f"data.sha256: checks a file or URL, not the folder {source}")
         return load_image_folder(path, params, source)
@@ -76,7 +92,7 @@ def load_source(params: DataParams, root: Path | str = ".") -> pd.DataFrame:
         actual = file_sha256(path)
         if actual != params.sha256:
             raise DataError(_mismatch(source, params.sha256, actual))
-    return read_table(path, source, kind)
+    return read_table(path, source, kind, text=params.text_column is not None)
 
 
 def load_sklearn(name: str) -> pd.DataFrame:
@@ -94,17 +110,23 @@ def load_sklearn(name: str) -> pd.DataFrame:
 
 
 def table_kind(name: str, source: str) -> str:
-    """``csv`` or ``parquet``, from the file name's suffix."""
+    """``csv``, ``tsv``, ``parquet`` or ``jsonl``, from the file name's suffix."""
     kind = TABLE_SUFFIXES.get(Path(name).suffix.lower())
     if kind is None:
         raise DataError(
-            f"data.source: '{source}': expected a .csv or .parquet file (or a folder of images)"
+            f"data.source: '{source}': expected a .csv or .parquet file, a .tsv or .jsonl file, "
+            "or a folder of images"
         )
     return kind
 
 
-def read_table(path: Path, source: str, kind: str) -> pd.DataFrame:
-    """Read a CSV (UTF-8) or Parquet file; ``source`` names it in errors."""
+def read_table(path: Path, source: str, kind: str, text: bool = False) -> pd.DataFrame:
+    """Read a CSV or TSV (UTF-8), Parquet or JSON Lines file; ``source`` names it in errors.
+
+    ``text`` (a text dataset): bytes that are not UTF-8 become U+FFFD instead of failing the
+    file, and only an empty field is missing (a review reading "NA" stays text)."""
+    if kind == "jsonl":
+        return read_jsonl(path, source, text)
     if kind == "parquet":
         try:
             return pd.read_parquet(path)
@@ -113,8 +135,11 @@ def read_table(path: Path, source: str, kind: str) -> pd.DataFrame:
                 f"{source}: not a readable Parquet file ({one_line(exc)}); "
                 "re-export it or point data.source at another file"
             ) from None
+    options: dict = {"sep": "\t"} if kind == "tsv" else {}
+    if text:
+        options |= {"encoding_errors": "replace", "keep_default_na": False, "na_values": [""]}
     try:
-        return pd.read_csv(path, encoding="utf-8")
+        return pd.read_csv(path, encoding="utf-8", **options)
     except UnicodeDecodeError:
         raise DataError(_not_utf8(path, source)) from None
     except pd.errors.EmptyDataError:
@@ -133,6 +158,47 @@ def read_table(path: Path, source: str, kind: str) -> pd.DataFrame:
         raise DataError(f"{source}: cannot parse the CSV ({one_line(exc)})") from None
     except OSError as exc:
         raise DataError(f"{source}: cannot read the file ({exc.strerror or exc})") from None
+
+
+def read_jsonl(path: Path, source: str, text: bool = False) -> pd.DataFrame:
+    """JSON Lines: one JSON object per line (blank lines skipped), one row per object, the
+    columns in order of first appearance. ``text`` as in ``read_table``."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{source}: cannot read the file ({exc.strerror or exc})") from None
+    try:
+        # utf-8-sig: a byte order mark at the start (Windows editors write one) is not JSON.
+        content = data.decode("utf-8-sig", errors="replace" if text else "strict")
+    except UnicodeDecodeError:
+        raise DataError(_not_utf8(path, source)) from None
+    records = []
+    # split("\n"), not splitlines(): U+2028 and friends inside a JSON string are not line ends.
+    for number, line in enumerate(content.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{source}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}); "
+                "write one JSON object per line"
+            ) from None
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{source}: line {number} is a JSON {type(record).__name__}, not an object; "
+                "write one JSON object per line"
+            )
+        # A lone surrogate ("\ud800" escaped) is valid JSON but no text Parquet can hold.
+        records.append(
+            {k: clean_code_points(v) if isinstance(v, str) else v for k, v in record.items()}
+        )
+    if not records:
+        raise DataError(
+            f"{source}: the file is empty (no JSON objects); "
+            "write one JSON object per line, or point data.source at another file"
+        )
+    return pd.DataFrame.from_records(records)
 
 
 def _not_utf8(path: Path, source: str) -> str:

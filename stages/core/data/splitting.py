@@ -1,4 +1,5 @@
-"""Split: stratified, seeded train/val/test inside each domain."""
+"""Split: stratified, seeded train/val/test inside each domain; the leakage checks (feature rows,
+or normalized texts, in two parts)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pandas as pd
 from stages.core.common.errors import DataError
 from stages.core.common.numbers import plain
 from stages.core.common.params import SplitParams
-from stages.core.common.schema import DOMAIN, LABEL
+from stages.core.common.schema import DOMAIN, LABEL, TEXT
+from stages.core.data.text import normalized
 
 PARTS = ("train", "val", "test")
 
@@ -84,3 +86,28 @@ def check_leakage(
                         f"{part} and {other}; validate removes duplicates before the split: "
                         "keep expect_multicolumn_rows_to_be_unique in validate.suite"
                     )
+
+
+def check_text_leakage(splits: dict[str, pd.DataFrame], domains: dict[str, str]) -> None:
+    """Raise DataError when a normalized text (whitespace runs as one space, stripped,
+    case-folded) is in two parts of the domains' splits, within a domain or across them:
+    validate removed every copy, in any domain, before the split."""
+    names = [f"{role}_{part}" for role in domains for part in PARTS]
+    texts = {name: set(normalized(splits[name][TEXT]).dropna()) for name in names}
+    for i, name in enumerate(names):
+        for other in names[i + 1 :]:
+            shared = texts[name] & texts[other]
+            if shared:
+                example = min(shared)
+                raise DataError(
+                    f"split: {len(shared)} texts (normalized) are in both {name} and {other} "
+                    f"(e.g. {example[:60]!r}); validate removes copies before the split: keep "
+                    "expect_column_normalized_values_to_be_unique in validate.suite"
+                )
+
+
+def mirror_single_domain(splits: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """A one-domain dataset's splits under both roles: ``target_<part>`` holds the same rows
+    as ``base_<part>``, so that finetune trains on its train split and evaluate scores its
+    test split through the usual files."""
+    return splits | {f"target_{part}": splits[f"base_{part}"] for part in PARTS}

@@ -12,10 +12,13 @@ import pandas as pd
 
 from stages.core.common.layout import REJECTED
 from stages.core.common.numbers import plain
-from stages.core.common.schema import DOMAIN, LABEL
+from stages.core.common.schema import DOMAIN, LABEL, TEXT
 from stages.core.data.expectations import RAW_ROW, REASON
 
 SAMPLE_ROWS = 20
+
+
+TEXT_CHARS = 80  # a rejected text is shown up to this many characters
 
 
 _STYLE = """
@@ -108,7 +111,24 @@ def render_validation_html(
         f"reasons; every rejected row, with all its columns: <code>{REJECTED}</code>. "
         f"<code>{RAW_ROW}</code> is the row's position in the raw table.</p>\n"
     )
-    if len(shown):
+    if len(shown) and TEXT in shown.columns:
+        parts.append(
+            _table(
+                [RAW_ROW, TEXT, LABEL, DOMAIN, REASON],
+                [
+                    [
+                        row[RAW_ROW],
+                        _short(row[TEXT]),
+                        _text(row[LABEL]),
+                        _text(row[DOMAIN]),
+                        row[REASON],
+                    ]
+                    for row in shown.to_dict("records")
+                ],
+                numeric={0},
+            )
+        )
+    elif len(shown):
         parts.append(
             _table(
                 [RAW_ROW, LABEL, DOMAIN, REASON],
@@ -130,3 +150,13 @@ def render_validation_html(
 
 def _text(value: Any) -> str:
     return "(missing)" if pd.isna(value) else str(plain(value))
+
+
+def _short(text: Any, limit: int = TEXT_CHARS) -> str:
+    """A text on one line (whitespace runs as one space), cut to ``limit`` characters."""
+    if not isinstance(text, str):
+        return "(missing)"
+    line = " ".join(text.split())
+    if not line:
+        return "(blank)"
+    return line if len(line) <= limit else line[: limit - 1] + "\u2026"
