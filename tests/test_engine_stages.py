@@ -262,7 +262,7 @@ def test_world_of_one() -> None:
         ({"rdzv_endpoint": "no-port"}, "train.rdzv_endpoint: "),
         ({"nproc": 0}, "train.nproc: "),
         ({"grad_accum": 0}, "train.grad_accum: "),
-        ({"schedule": "linear"}, "train.schedule: "),
+        ({"schedule": "step"}, "train.schedule: "),
         ({"grad_clip": 0}, "train.grad_clip: "),
         ({"checkpoint_every": 0}, "train.checkpoint_every: "),
     ],
