@@ -15,8 +15,11 @@ import pytest
 from conftest import commit_all, run_command, set_params
 
 # A small transformer with every state a resume must restore: dropout, a cosine schedule with
-# warmup, early stopping; a checkpoint every 2 epochs. Few epochs: each is seconds of a run.
-EPOCHS = 12
+# warmup, early stopping; a checkpoint every 2 epochs. 30 epochs leave the stage's MLflow worker
+# time to open its run before the kill on a busy machine (12 did not); the two-process test,
+# which kills nothing, trains 12.
+EPOCHS = 30
+DDP_EPOCHS = 12
 ENGINE_PARAMS = {
     "model": {"arch": "transformer", "dropout": 0.1},
     "train": {
@@ -65,8 +68,9 @@ def train_runs(repo: Path) -> list:
 
 
 def kill_when_checkpointed(repo: Path, env: dict) -> str:
-    """Start `dvc repro train`, SIGKILL its whole process group once a checkpoint is on disk;
-    return what it printed."""
+    """Start `dvc repro train`, SIGKILL its whole process group once a checkpoint is on disk
+    and the stage's MLflow run is in the store (its worker process opens it while training
+    starts: on a busy machine, after the first checkpoint); return what it printed."""
     checkpoint = repo / ".checkpoints/train/checkpoint.pt"
     process = subprocess.Popen(
         ["dvc", "repro", "train"],
@@ -80,6 +84,8 @@ def kill_when_checkpointed(repo: Path, env: dict) -> str:
     deadline = time.monotonic() + TIMEOUT
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    while not train_runs(repo) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     os.killpg(process.pid, signal.SIGKILL)
     output, _ = process.communicate(timeout=60)  # reaps dvc: its locks then count as stale
     assert checkpoint.exists(), output
@@ -135,7 +141,7 @@ def test_exp_run_with_two_processes(repo: Path, env: dict) -> None:
         return pd.read_csv(repo / "plots/train.csv"), predicted, accuracy
 
     # The single-process reference: the stage run by hand (no second `dvc exp run`, no MLflow)
-    set_params(repo, model={"dropout": 0.0}, train={"nproc": 1})
+    set_params(repo, model={"dropout": 0.0}, train={"nproc": 1, "epochs": DDP_EPOCHS})
     run([sys.executable, "-m", "stages.train"], repo, env | {"PIPELINE_TRACKING": "off"})
     single_curve, single_predictions, _ = trained()
     runs_before = len(train_runs(repo))
@@ -144,7 +150,7 @@ def test_exp_run_with_two_processes(repo: Path, env: dict) -> None:
     output = run(["dvc", "exp", "run", *two, "train"], repo, env).stdout
     assert "train: 2 process(es) x 1 node(s) through torchrun" in output
     assert output.count("train: transformer of 18,218 parameters on 2 process(es)") == 1
-    assert output.count(f"train: epoch 1/{EPOCHS} ") == 1  # rank 0 alone reports
+    assert output.count(f"train: epoch 1/{DDP_EPOCHS} ") == 1  # rank 0 alone reports
     assert len(train_runs(repo)) == runs_before + 1  # and alone logs
     assert sorted(p.name for p in (repo / "models/base").iterdir()) == [
         "config.json",
