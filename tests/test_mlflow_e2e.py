@@ -291,7 +291,6 @@ def test_tracking_server_registry_and_serving(
         pipeline_env,
         tmp_path / "server.log",
     )  # fmt: skip
-    serve = None
     try:
         wait_for(f"{uri}/health", server)
         env = pipeline_env | {"MLFLOW_TRACKING_URI": uri}
@@ -312,39 +311,23 @@ def test_tracking_server_registry_and_serving(
         accuracy = (predicted.to_numpy() == target["label"]).mean()
         assert round(accuracy, 6) == metrics["finetuned"]["accuracy"]
 
-        serve_port = free_port()
-        serve = start(
-            [
-                str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
-                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(serve_port),
-            ],
-            env | {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"},
-            tmp_path / "serve.log",
-        )  # fmt: skip
-        wait_for(f"http://127.0.0.1:{serve_port}/ping", serve, seconds=180)
         rows = features_of(target).head(7)
-        answers = {}
-        for name, params in (("labels", {}), ("probabilities", {"probabilities": True})):
-            body = {"dataframe_split": json.loads(rows.to_json(orient="split")), "params": params}
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{serve_port}/invocations",
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=60) as response:
-                answers[name] = json.loads(response.read())["predictions"]
-        labels = [row["label"] if isinstance(row, dict) else row for row in answers["labels"]]
-        assert labels == predicted.head(7).tolist()
-        assert len(answers["probabilities"]) == 7 and len(answers["probabilities"][0]) == 10
+        labels, probabilities = serve_and_ask(
+            f"models:/{MODEL}@champion", rows, env, tmp_path / "serve.log",
+            requests=({}, {"probabilities": True}),
+        )  # fmt: skip
+        assert as_labels(labels) == predicted.head(7).tolist()
+        assert len(probabilities) == 7 and len(probabilities[0]) == 10
     finally:
         mlflow.set_tracking_uri(None)
-        if serve is not None:
-            stop(serve)
         stop(server)
 
 
-def serve_and_ask(model_uri: str, rows: pd.DataFrame, env: dict, log: Path) -> list:
-    """`mlflow models serve` of ``model_uri`` on a free port: its predictions for ``rows``."""
+def serve_and_ask(
+    model_uri: str, rows: pd.DataFrame, env: dict, log: Path, requests: tuple[dict, ...] = ({},)
+) -> list[list]:
+    """`mlflow models serve` of ``model_uri`` on a free port: its predictions for ``rows``, one
+    list per request (each dict is a request's ``params``)."""
     bin_dir = Path(sys.executable).parent
     port = free_port()
     serve = start(
@@ -355,19 +338,26 @@ def serve_and_ask(model_uri: str, rows: pd.DataFrame, env: dict, log: Path) -> l
         env | {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"},
         log,
     )  # fmt: skip
+    answers = []
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", serve, seconds=180)
-        body = {"dataframe_split": json.loads(rows.to_json(orient="split"))}
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.loads(response.read())["predictions"]
+        for params in requests:
+            body = {"dataframe_split": json.loads(rows.to_json(orient="split")), "params": params}
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                answers.append(json.loads(response.read())["predictions"])
     finally:
         stop(serve)
-    return [row["label"] if isinstance(row, dict) else row for row in answer]
+    return answers
+
+
+def as_labels(predictions: list) -> list:
+    """Served labels as plain values (MLflow answers a labels column as ``{"label": ...}``)."""
+    return [row["label"] if isinstance(row, dict) else row for row in predictions]
 
 
 def test_first_make_pipeline_on_a_fresh_clone_fills_mlflow(
@@ -419,9 +409,10 @@ def test_first_make_pipeline_on_a_fresh_clone_fills_mlflow(
     accuracy = (predicted.to_numpy() == target["label"].to_numpy()).mean()
     assert round(accuracy, 6) == metrics["finetuned"]["accuracy"]
     env = pipeline_env | {"MLFLOW_TRACKING_URI": f"sqlite:///{clone / 'mlflow.db'}"}
-    served = serve_and_ask(f"models:/{MODEL}@champion", features_of(target).head(7), env,
-                           tmp_path / "serve.log")  # fmt: skip
-    assert served == predicted.head(7).tolist()
+    (served,) = serve_and_ask(
+        f"models:/{MODEL}@champion", features_of(target).head(7), env, tmp_path / "serve.log"
+    )
+    assert as_labels(served) == predicted.head(7).tolist()
 
     again = run_command(make, clone, pipeline_env)
     assert ran_stages(again.stdout) == [] and "pipeline:" not in again.stdout
