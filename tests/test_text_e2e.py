@@ -104,3 +104,33 @@ def test_the_champion_predicts_raw_texts(text_repo) -> None:
         assert not any(p.endswith((".pkl", ".pickle")) for p in artifacts)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_lora_adapter_is_registered_whole(text_repo, pipeline_env) -> None:
+    """finetune.lora.save: adapter keeps no merged weights: the registered model carries the
+    base checkpoint beside the adapter and predicts what the adapter on models/base predicts.
+    (Last in this file: it changes the shared repo.)"""
+    import mlflow
+    import mlflow.pyfunc
+
+    from stages.core.modeling.text import load_text_model, predict_texts
+
+    repo, _ = text_repo
+    set_params(repo, finetune={"strategy": "lora", "lora": {"save": "adapter"}})
+    env = pipeline_env | {"PIPELINE_TRACKING": "on", "HF_HUB_OFFLINE": "1"}
+    out = run_command(["dvc", "repro"], repo, env, check=False)  # the gates may fail: a candidate
+    assert ran_stages(out.stdout) == ["finetune", "evaluate"], out.stdout + out.stderr
+    tuned = repo / "models/finetuned"
+    assert (tuned / "adapter/adapter_model.safetensors").is_file()
+    assert not (tuned / "model.safetensors").exists()
+    texts = ["it was great and good", "awful bad day"]
+    model, tokenizer, config = load_text_model(tuned, base=repo / "models/base")
+    expected = predict_texts(model, tokenizer, texts, config.max_length).numpy()
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    try:
+        served = mlflow.pyfunc.load_model(f"models:/{MODEL}@candidate")
+        proba = served.predict(texts, params={"probabilities": True})
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert list(proba.columns) == config.classes
+    assert proba.to_numpy() == pytest.approx(expected, abs=1e-6)

@@ -185,3 +185,19 @@ def test_long_params_and_provenance_fit_mlflow(mlflow_client, tmp_path) -> None:
     tags = provenance_tags(str(tmp_path))
     assert tags["base.revision"] == "null" and tags["base.sha256"] == "ab"
     assert len(tags["base.pretrained"]) == 5000
+
+
+def test_an_adapter_saved_from_a_loaded_base_reloads(tiny_checkpoints, tmp_path) -> None:
+    """The fine-tuned config starts as a copy of the base's, whose weights' sha256 must not
+    follow it into an adapter-only directory (it has no merged weights to match)."""
+    params = text_params(tiny_checkpoints["bert"], finetune={"strategy": "lora", "epochs": 1})
+    base = train_text(params, split(20, 1), split(10, 2))
+    save_text_model(tmp_path / "base", base.model, base.tokenizer, base.config)
+    model, tokenizer, config = load_text_model(tmp_path / "base")
+    tuned = finetune_text(model, tokenizer, config, split(20, 1), split(10, 2), params, seed=1)
+    saved = save_text_model(
+        tmp_path / "tuned", tuned.model, tokenizer, tuned.config, "adapter", tmp_path / "base"
+    )
+    assert saved.weights_sha256 == "" and saved.adapter["base"] == str(tmp_path / "base")
+    reloaded, _, _ = load_text_model(tmp_path / "tuned")
+    assert hasattr(reloaded.hf, "peft_config")

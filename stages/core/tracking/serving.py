@@ -23,6 +23,9 @@ import pandas as pd
 from mlflow.models import set_model
 
 ARTIFACT = "model"  # the key of the model directory among the pyfunc's artifacts
+# A text model saved as a LoRA adapter only (finetune.lora.save: adapter): the base checkpoint
+# it goes on, logged beside it so that the logged model is whole.
+ADAPTER_BASE = "adapter_base"
 # stages.core.modeling.text.TEXT_META, not imported from there: that module imports torch, and
 # this one is imported by the tracking worker, which never needs it.
 TEXT_META = "pipeline.json"
@@ -53,7 +56,8 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         if (Path(directory) / TEXT_META).is_file():
             from stages.core.modeling.text import load_text_model
 
-            self.model, self.tokenizer, self.config = load_text_model(directory)
+            base = context.artifacts.get(ADAPTER_BASE)
+            self.model, self.tokenizer, self.config = load_text_model(directory, base=base)
             return
         from stages.core.modeling.model import load_model
 
@@ -107,11 +111,11 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         return pd.Series(labels, name="label", index=model_input.index)
 
 
-def requirements(text: bool = False) -> list[str]:
+def requirements(text: bool = False, adapter: bool = False) -> list[str]:
     """Explicit pip requirements (inferring them costs 5-10 s a model); a text model's add
-    transformers and tokenizers."""
+    transformers and tokenizers, and peft for one saved as an adapter only."""
     pins = []
-    for name in REQUIREMENTS + (TEXT_REQUIREMENTS if text else ()):
+    for name in REQUIREMENTS + (TEXT_REQUIREMENTS if text else ()) + (("peft",) if adapter else ()):
         try:
             pins.append(f"{name}=={version(name).split('+')[0]}")
         except PackageNotFoundError:
@@ -153,6 +157,10 @@ def log_pyfunc(model_dir: Path | str, input_example, name: str = "model"):
     from mlflow.models import Model
 
     config = model_config(model_dir)
+    artifacts = {ARTIFACT: str(model_dir)}
+    adapter_only = bool(config.get("adapter")) and not config.get("weights_sha256")
+    if adapter_only:
+        artifacts[ADAPTER_BASE] = config["adapter"]["base"]
     # Model.log saves through its flavor's save_model and skips the serving check when told.
     pyfunc = SimpleNamespace(__name__=mlflow.pyfunc.__name__, save_model=_save_pyfunc)
     return Model.log(
@@ -160,11 +168,11 @@ def log_pyfunc(model_dir: Path | str, input_example, name: str = "model"):
         name=name,
         flavor=pyfunc,
         python_model=Path(__file__),
-        artifacts={ARTIFACT: str(model_dir)},
+        artifacts=artifacts,
         code_paths=[str(Path(__file__).resolve().parents[2])],
         signature=signature(config),
         input_example=input_example,
-        pip_requirements=requirements(bool(config.get("text"))),
+        pip_requirements=requirements(bool(config.get("text")), adapter_only),
         validate_serving_input=False,
     )
 
