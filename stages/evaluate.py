@@ -135,6 +135,10 @@ def evaluate_text(params, run, base_test: pd.DataFrame, target: dict) -> None:
     tuned, tokenizer, tuned_config = load_text_model(layout.FINETUNED_MODEL)
     tuned_scored = score_text_model(tuned, tokenizer, tuned_config, target["test"])
     run.send(register, layout.FINETUNED_MODEL, test_path, params.tracking.registered_model)
+    # MLflow's evaluation of the version, on the test split's one text column (the model's
+    # input is one unnamed string column).
+    classes = tuned_config.classes
+    run.send(evaluate_registered, test_path, [TEXT], tuned_scored.proba, classes)
     draws = compare_text_draws(base, tuned_scored, target, params)
     shots = sample_shots(target["train"], params.finetune.shots_per_class, params.finetune.seed)
     base_trained = params.train.objective != "none"
@@ -155,7 +159,7 @@ def evaluate_text(params, run, base_test: pd.DataFrame, target: dict) -> None:
     checked = gates(metrics, params.evaluate, base_gate=not params.data.single_domain)
     write_json(layout.EVALUATE_METRICS, metrics)
     per_class = {key: metrics[key]["per_class"] for key in ("base", "finetuned") if key in metrics}
-    per_class["scratch"] = per_class_scores(draws[0].scratch, tuned_config.classes)
+    per_class["scratch"] = per_class_scores(draws[0].scratch, classes)
     finish(run, params, metrics, checked, tuned_scored, per_class, mistakes)
 
 

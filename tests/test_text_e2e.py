@@ -85,6 +85,11 @@ def test_the_champion_predicts_raw_texts(text_repo) -> None:
         client = mlflow.MlflowClient()
         champion = client.get_model_version_by_alias(MODEL, "champion")
         assert champion.tags["gates"] == "passed"
+        # MLflow's own evaluation of the version, on the raw test texts
+        evaluation = client.get_run(champion.tags["evaluate_run_id"]).data.metrics
+        assert evaluation["accuracy_score"] == pytest.approx(
+            json.loads((repo / "metrics/evaluate.json").read_text())["finetuned"]["accuracy"]
+        )
         pipeline_meta = json.loads((repo / "models/base/pipeline.json").read_text())
         assert champion.tags["base.pretrained"] == "data/pretrained/tiny-bert"
         assert champion.tags["base.sha256"] == pipeline_meta["provenance"]["sha256"]
@@ -104,6 +109,17 @@ def test_the_champion_predicts_raw_texts(text_repo) -> None:
         assert not any(p.endswith((".pkl", ".pickle")) for p in artifacts)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_mlflow_models_serve_answers_raw_texts(text_repo, pipeline_env, tmp_path) -> None:
+    """`mlflow models serve` of the champion: a JSON request of raw texts, labels back."""
+    from test_mlflow_e2e import serve_and_ask
+
+    repo, _ = text_repo
+    env = pipeline_env | {"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    rows = pd.DataFrame({"review": ["it was great and good", "awful bad day"]})
+    served = serve_and_ask(f"models:/{MODEL}@champion", rows, env, tmp_path / "serve.log")
+    assert served == ["pos", "neg"]
 
 
 def test_a_lora_adapter_is_registered_whole(text_repo, pipeline_env) -> None:
