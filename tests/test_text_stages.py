@@ -159,6 +159,7 @@ def test_the_report_shows_the_mistakes_and_all_rows(tmp_path) -> None:
     report = render_report(metrics, checked, params, {}, mistakes)
     assert "fine-tuned on all labelled examples per class" in report
     assert "## Most confident mistakes" in report
+    assert "| sklearn | TF-IDF + logistic regression on the same shots |" in report
     assert "| a \\| b | a | b | 0.700 |" in report
     confidence = report.split("## Confidence")[1].split("## Gates")[0]
     assert "| finetuned |" in confidence and "| base |" not in confidence

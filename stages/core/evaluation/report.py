@@ -24,13 +24,14 @@ def _with_interval(block: Mapping, name: str) -> str:
     return f"{block[name]:.3f}{interval}"
 
 
-def _models_table(metrics: Mapping, shots: int) -> list[str]:
+def _models_table(metrics: Mapping, shots: int | str, text: bool = False) -> list[str]:
+    classical = "TF-IDF + logistic regression" if text else "logistic regression"
     rows = [
         ("base", "base model", "base-domain test"),
         ("zero_shot", "base model, no adaptation", "target-domain test"),
         ("finetuned", f"fine-tuned on {shots} shots/class", "target-domain test"),
         ("scratch", f"same net from scratch on the {shots} shots", "target-domain test"),
-        ("sklearn", "logistic regression on the same shots", "target-domain test"),
+        ("sklearn", f"{classical} on the same shots", "target-domain test"),
     ]
     lines = [
         "| model | trained as | scored on | accuracy [95% CI] | recall, macro [95% CI] "
@@ -170,7 +171,7 @@ def render_report(
         "",
         "## Models",
         "",
-        *_models_table(metrics, shots),
+        *_models_table(metrics, shots, text=mistakes is not None),
         "",
         _uncertainty_sentence(metrics, params),
         "",
