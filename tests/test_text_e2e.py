@@ -150,3 +150,29 @@ def test_a_lora_adapter_is_registered_whole(text_repo, pipeline_env) -> None:
         mlflow.set_tracking_uri(None)
     assert list(proba.columns) == config.classes
     assert proba.to_numpy() == pytest.approx(expected, abs=1e-6)
+
+
+def test_objective_none_takes_the_checkpoint_and_drops_the_base_block(
+    text_repo, pipeline_env
+) -> None:
+    """train.objective none with the head strategy: models/base is the checkpoint as it is,
+    train writes no epochs, and evaluate has no base block (its head never trained). Changes
+    the shared repo: runs after the tests that read it."""
+    repo, _ = text_repo
+    set_params(repo, train={"objective": "none"}, finetune={"strategy": "head", "epochs": 20})
+    env = pipeline_env | {"PIPELINE_TRACKING": "on", "HF_HUB_OFFLINE": "1"}
+    out = run_command(["dvc", "repro"], repo, env, check=False)  # the gates may fail
+    assert ran_stages(out.stdout) == ["train", "finetune", "evaluate"], out.stdout + out.stderr
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert train["objective"] == "none" and train["epochs_run"] == 0
+    assert pd.read_csv(repo / "plots/train.csv").empty
+    meta = json.loads((repo / "models/base/pipeline.json").read_text())
+    assert (
+        meta["trained_on"] == {} and meta["provenance"]["pretrained"] == "data/pretrained/tiny-bert"
+    )
+    metrics = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert "base" not in metrics and "zero_shot" not in metrics
+    assert metrics["finetuned"]["support"] == len(
+        pd.read_parquet(repo / "data/splits/target_test.parquet")
+    )
+    assert json.loads((repo / "metrics/finetune.json").read_text())["epochs_run"] == 20
