@@ -233,7 +233,7 @@ def run_queued_experiments(
             status = run_command(["dvc", "queue", "status"], repo, env).stdout
             if "Queued" not in status and "Running" not in status:
                 return status
-            time.sleep(2)
+            time.sleep(5)  # each poll is a whole `dvc` process: not more often
         raise AssertionError(f"queued experiments still running after {timeout} s:\n{status}")
     finally:
         run_command(["dvc", "queue", "stop"], repo, env, check=False)  # no idle workers left

@@ -250,7 +250,10 @@ def test_an_mlp_config_from_before_the_registry_still_loads(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({"model": {"arch": "rnn"}}, "params.yaml: model.arch: Input should be 'mlp', 'cnn' or "),
+        (
+            {"model": {"arch": "rnn"}},
+            "params.yaml: model.arch: Input should be 'mlp', 'cnn', 'transformer' or 'hf'",
+        ),
         (
             {"model": {"arch": "cnn"}, "data": {"image_shape": None}},
             "params.yaml: model.arch: cnn needs data.image_shape ([H, W] or [C, H, W]), "

@@ -309,20 +309,42 @@ def test_infer_then_validate_against_the_committed_suite(capsys) -> None:
 
 
 def test_validate_and_split_log_their_reports_to_mlflow(capsys, mlflow_client) -> None:
-    _ingest_and_validate(GOOD_CSV, capsys)
-    run_stage("split", split.main)
-    experiment = mlflow_client.get_experiment_by_name("finetune-pipeline")
-    runs = mlflow_client.search_runs(
-        [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=20
+    import uuid
+
+    # An experiment of this test's own: the session's store holds other tests' runs too.
+    experiment_name = f"bad-input-{uuid.uuid4().hex}"
+    write_params(
+        {"source": source("own.csv", GOOD_CSV)} | OWN, tracking={"experiment": experiment_name}
     )
-    latest = {}
+    for stage, main in (
+        ("ingest", ingest.main),
+        ("validate", validate.main),
+        ("split", split.main),
+    ):
+        run_stage(stage, main)
+    capsys.readouterr()
+    experiment = mlflow_client.get_experiment_by_name(experiment_name)
+    runs = mlflow_client.search_runs([experiment.experiment_id], "tags.stage != ''")
+    by_stage = {}
     for run in runs:
-        latest.setdefault(run.data.tags["stage"], run)
-    validate_run, split_run = latest["validate"], latest["split"]
+        by_stage.setdefault(run.data.tags["stage"], []).append(run)
+    assert {stage: len(found) for stage, found in by_stage.items()} == {
+        "ingest": 1,
+        "validate": 1,
+        "split": 1,
+    }
+    (validate_run,), (split_run,) = by_stage["validate"], by_stage["split"]
     names = {a.path for a in mlflow_client.list_artifacts(validate_run.info.run_id)}
     assert {"validation.json", "validation.html"} <= names
     assert validate_run.data.metrics["rows_in"] == 40
     assert validate_run.data.metrics["checks.duplicate"] == 0
     names = {a.path for a in mlflow_client.list_artifacts(split_run.info.run_id)}
     assert {"drift.json", "drift.csv"} <= names
-    assert split_run.data.metrics["drift.domain_gap.psi_mean"] > 0
+    # Site A holds heights 0-19 (weights 40-59), site B 20-39 (60-79): over 10 equal bins of
+    # each feature's range, A fills bins 0-4 with 1/5 each and B bins 5-9, every other bin has
+    # the floor share 1e-4; so each feature's PSI is 10 * (0.2 - 1e-4) * ln(0.2 / 1e-4).
+    expected_psi = 10 * (0.2 - 1e-4) * np.log(0.2 / 1e-4)
+    logged = split_run.data.metrics
+    assert logged["drift.domain_gap.psi_mean"] == pytest.approx(expected_psi, abs=1e-5)
+    assert logged["drift.domain_gap.psi_max"] == pytest.approx(expected_psi, abs=1e-5)
+    assert logged["drift.domain_gap.shifted_features"] == 2

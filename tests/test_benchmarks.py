@@ -36,12 +36,56 @@ def test_gpu_benchmark_in_cpu_mode() -> None:
     embed = 2 * 49 * 16 * 16
     block = 17 * 2 * (16 * 48 + 16 * 16 + 16 * 64 + 64 * 16) + 4 * 17 * 17 * 16
     assert transformer["train_flops_per_sample"] == 3 * (embed + 2 * block + 2 * 16 * 10)
+    assert (summary["rows"], summary["epochs"], summary["batch"]) == (512, 1, 256)
+    assert (summary["repeats"], summary["compile"]) == (2, False)
+    assert lines[1].startswith("| model | parameters | fit() samples/s | bare samples/s | ratio")
     for result in summary["results"]:
-        assert result["samples_per_s"] > 0 and result["bare_samples_per_s"] > 0
+        # The ratio is the one of the two rates, the achieved FLOP/s follow from fit()'s rate
         speed = result["samples_per_s"] / result["bare_samples_per_s"]
         assert result["ratio"] == pytest.approx(speed, abs=2e-3)
+        flops = result["samples_per_s"] * result["train_flops_per_sample"] / 1e12
+        assert result["achieved_tflops"] == pytest.approx(flops, abs=0.006)
         assert result["mfu"] is None  # no bf16 peak for a CPU
-    assert "| mlp 784-128-64-10 | 109,386 |" in done.stdout
+        # ... and the table printed above the JSON says the same
+        row = (
+            f"| {result['model']} | {result['parameters']:,} | {result['samples_per_s']:,.0f} | "
+            f"{result['bare_samples_per_s']:,.0f} | {result['ratio']:.2f} | "
+        )
+        assert sum(line.startswith(row) for line in lines) == 1, row
+    assert len(lines) == 3 + len(summary["results"]) + 1  # header, table, JSON
+
+
+def test_the_bare_loop_does_the_work_of_fit() -> None:
+    """The benchmark's ratio compares like with like: its bare loop and fit() with the
+    benchmark's options make the same forward passes (train batches, one val pass an epoch)
+    and end with the same weights."""
+    import copy
+
+    import torch
+
+    from benchmarks.gpu import bare_loop, config, synthetic
+    from stages.core.engine.training import FitOptions, fit
+    from stages.core.modeling.model import Classifier
+
+    cpu = torch.device("cpu")
+    (x, y), (x_val, y_val) = synthetic(96, 1, cpu), synthetic(32, 2, cpu)
+    torch.manual_seed(0)
+    bare = Classifier(config("mlp", hidden=[16]))
+    ours = copy.deepcopy(bare)
+    calls = {"bare": [], "ours": []}
+    for name, model in (("bare", bare), ("ours", ours)):
+        model.register_forward_hook(
+            lambda module, inputs, _out, name=name: calls[name].append(
+                (module.training, len(inputs[0]))
+            )
+        )
+    bare_loop(bare, x, y, x_val, y_val, epochs=2, batch=32, dtype=None)
+    options = FitOptions(epochs=2, batch_size=32, lr=1e-3, device="cpu", precision="fp32")
+    fit(ours, (x, y), (x_val, y_val), options)
+    epoch = [(True, 32)] * 3 + [(False, 32)]  # 96 rows in batches of 32, then the val pass
+    assert calls["bare"] == calls["ours"] == epoch * 2
+    for key, value in bare.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
 
 
 def test_peak_table() -> None:

@@ -27,9 +27,33 @@ class Killed(Exception):
     pass
 
 
-def _worker(rank: int, port: int, out: str, kill_at: int | None, tag: str, dropout: float) -> None:
-    """One DDP rank: train the blobs model; each rank has its own checkpoint folder, as nodes
-    without a shared disk would."""
+def _train(
+    rank: int, out: Path, kill_at: int | None, tag: str, dropout: float, folder: str
+) -> None:
+    """One DDP rank's run: train the blobs model; each rank has its own checkpoint folder
+    (under ``out / folder``), as nodes without a shared disk would."""
+    (x, y), val = make_blobs(30, seed=1), make_blobs(10, seed=2)
+    model = make_model(make_config(x, dropout=dropout), seed=1)
+    checkpoints = Checkpoints(out / folder / f"rank{rank}", "fp", 1, "train", main=rank == 0)
+
+    def on_epoch(stats: EpochStats) -> None:
+        if stats.epoch == kill_at:
+            raise Killed
+
+    try:
+        torch.manual_seed(100 + rank)  # dropout masks differ between ranks
+        result = fit(model, (x, y), val, OPTIONS, on_epoch, checkpoints=checkpoints)
+    except Killed:
+        return
+    torch.save(
+        {"state": state_copy(model), "history": [s.val_loss for s in result.history]},
+        out / f"{tag}-{rank}.pt",
+    )
+
+
+def _worker(rank: int, port: int, out: str, runs: list[tuple]) -> None:
+    """One DDP rank: the ``runs`` (kill_at, tag, dropout, checkpoint folder) one after the
+    other, in one process group (every spawn costs two interpreters importing torch)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -37,35 +61,22 @@ def _worker(rank: int, port: int, out: str, kill_at: int | None, tag: str, dropo
     os.environ |= {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        (x, y), val = make_blobs(30, seed=1), make_blobs(10, seed=2)
-        model = make_model(make_config(x, dropout=dropout), seed=1)
-        checkpoints = Checkpoints(Path(out) / f"rank{rank}", "fp", 1, "train", main=rank == 0)
-
-        def on_epoch(stats: EpochStats) -> None:
-            if stats.epoch == kill_at:
-                raise Killed
-
-        try:
-            torch.manual_seed(100 + rank)  # dropout masks differ between ranks
-            result = fit(model, (x, y), val, OPTIONS, on_epoch, checkpoints=checkpoints)
-        except Killed:
-            return
-        torch.save(
-            {"state": state_copy(model), "history": [s.val_loss for s in result.history]},
-            Path(out) / f"{tag}-{rank}.pt",
-        )
+        for run in runs:
+            _train(rank, Path(out), *run)
     finally:
         dist.destroy_process_group()
 
 
-def _run_two(out: Path, kill_at: int | None = None, tag: str = "whole", dropout=0.1) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(out), kill_at, tag, dropout), nprocs=2, join=True)
+def _run_two(out: Path, *runs: tuple[int | None, str, float, str]) -> None:
+    mp.spawn(_worker, args=(_free_port(), str(out), list(runs)), nprocs=2, join=True)
 
 
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory) -> Path:
+    """Two ranks trained to the end, with dropout (``whole``) and without (``nodrop``), each
+    with checkpoints of its own: the second must not resume from the first's."""
     out = tmp_path_factory.mktemp("ddp")
-    _run_two(out)
+    _run_two(out, (None, "whole", 0.1, "whole"), (None, "nodrop", 0.0, "nodrop"))
     return out
 
 
@@ -76,11 +87,10 @@ def test_two_ranks_stay_in_step(whole: Path) -> None:
         assert torch.equal(value, ranks[1]["state"][key]), key
 
 
-def test_two_ranks_train_like_one_process(tmp_path: Path) -> None:
+def test_two_ranks_train_like_one_process(whole: Path) -> None:
     """Each rank takes half of every batch of the same permutation: the mean gradient, and so
     the model, is the one process's up to float rounding."""
-    _run_two(tmp_path, tag="nodrop", dropout=0.0)
-    ddp = torch.load(tmp_path / "nodrop-0.pt", weights_only=True)
+    ddp = torch.load(whole / "nodrop-0.pt", weights_only=True)
     (x, y), val = make_blobs(30, seed=1), make_blobs(10, seed=2)
     single = make_model(make_config(x), seed=1)
     result = fit(single, (x, y), val, OPTIONS)
@@ -96,14 +106,14 @@ def test_two_ranks_train_like_one_process(tmp_path: Path) -> None:
 def test_killed_ranks_resume_from_rank_0s_checkpoint(whole: Path, tmp_path: Path) -> None:
     """Only rank 0 writes a checkpoint, with each rank's RNG state; rank 1 has none on its
     disk, gets rank 0's, and both end as if never killed."""
-    _run_two(tmp_path, kill_at=4)
+    _run_two(tmp_path, (4, "whole", 0.1, ""))
     assert sorted(p.name for p in (tmp_path / "rank0").iterdir()) == ["checkpoint.pt"]
     assert not (tmp_path / "rank1").exists()
     saved = torch.load(tmp_path / "rank0" / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 3 and len(saved["rng"]) == 2
     assert not torch.equal(saved["rng"][0]["torch"], saved["rng"][1]["torch"])
 
-    _run_two(tmp_path, tag="resumed")
+    _run_two(tmp_path, (None, "resumed", 0.1, ""))
     for rank in (0, 1):
         resumed = torch.load(tmp_path / f"resumed-{rank}.pt", weights_only=True)
         expected = torch.load(whole / f"whole-{rank}.pt", weights_only=True)

@@ -151,7 +151,9 @@ def test_failed_gate_writes_every_output_then_exits_1(
     assert figures == {f"figures/{Path(p).name}" for p in OUTPUTS if p.endswith(".png")}
 
 
-def test_passing_run_writes_the_same_bytes_twice(inputs, isolated_env, capfd) -> None:
+def test_passing_run_writes_the_same_bytes_twice(inputs, isolated_env, capfd, monkeypatch) -> None:
+    # Nothing here reads MLflow (the failed-gate test does): tracking off saves its seconds.
+    monkeypatch.setenv("PIPELINE_TRACKING", "off")
     _project(inputs, isolated_env, min_class_recall=0.0)
     run_stage("evaluate", evaluate.main)
     first = {path: Path(path).read_bytes() for path in OUTPUTS}
@@ -170,7 +172,13 @@ def test_passing_run_writes_the_same_bytes_twice(inputs, isolated_env, capfd) ->
     }
     assert metrics["finetuned"]["support"] == metrics["base"]["support"] == 36
     assert metrics["transfer"]["draws"] == 2
-    assert metrics["transfer"]["gain_ci95_low"] <= metrics["transfer"]["gain_mean"]
+    # Two draws with gains g1, g2: the t-interval of their mean is mean -+ t(0.975, 1) * |g1 - g2|
+    # / 2 with t = 12.706205, and |g1 - g2| / 2 = mean - min
+    transfer = metrics["transfer"]
+    mean, spread = transfer["gain_mean"], transfer["gain_mean"] - transfer["gain_min"]
+    assert mean == pytest.approx(transfer["finetuned_mean"] - transfer["scratch_mean"], abs=2e-6)
+    assert transfer["gain_ci95_low"] == pytest.approx(mean - 12.706205 * spread, abs=1e-5)
+    assert transfer["gain_ci95_high"] == pytest.approx(mean + 12.706205 * spread, abs=1e-5)
     per_class = pd.read_csv("plots/per_class/finetuned.csv")
     assert per_class.columns.tolist() == ["class", "precision", "recall", "f1", "support"]
     assert per_class["class"].tolist() == [0, 1, 2]
@@ -185,7 +193,10 @@ def test_passing_run_writes_the_same_bytes_twice(inputs, isolated_env, capfd) ->
             assert f"](figures/{Path(path).name})" in report
 
 
-def test_every_failed_gate_is_one_line_at_stage_level(inputs, isolated_env, capfd) -> None:
+def test_every_failed_gate_is_one_line_at_stage_level(
+    inputs, isolated_env, capfd, monkeypatch
+) -> None:
+    monkeypatch.setenv("PIPELINE_TRACKING", "off")  # nothing here reads MLflow
     _project(inputs, isolated_env, min_base_accuracy=1.0, min_transfer_gain=1.0,
              min_class_recall=1.0)  # fmt: skip
     with pytest.raises(SystemExit) as caught:

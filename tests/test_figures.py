@@ -72,6 +72,7 @@ def test_figures_are_fixed_size_pngs_without_metadata(tmp_path: Path) -> None:
         assert not kinds & {b"tEXt", b"zTXt", b"iTXt", b"tIME"}, name
         width, height = struct.unpack(">II", chunks[0][1][:8])
         assert (width, height) == (SIZE[0] * DPI, SIZE[1] * DPI), name
+        assert_drawn(tmp_path / "figures" / name)
 
 
 def test_same_inputs_same_bytes_across_processes(tmp_path: Path) -> None:
@@ -104,4 +105,25 @@ def test_sure_model_leaves_calibration_bins_empty(tmp_path: Path) -> None:
         histories={"train": history},
         recalls={"finetuned": {"0": 1.0, "1": 1.0, "2": 1.0}},
     )
-    assert all(path.stat().st_size > 1000 for path in drawn.values())
+    assert sorted(path.name for path in drawn.values()) == [
+        "confusion_finetuned.png",
+        "per_class_recall.png",
+        "reliability_finetuned.png",
+        "training_curves.png",
+    ]
+    for path in drawn.values():
+        assert_drawn(path)
+
+
+def assert_drawn(path: Path) -> None:
+    """The PNG decodes to the fixed size and holds a picture: not one flat colour, and ink
+    (pixels off the white background) over a real part of it."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG", path
+        assert image.size == (SIZE[0] * DPI, SIZE[1] * DPI), path
+        pixels = np.asarray(image.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10, path  # more than a few colours
+    ink = (pixels < 240).any(axis=2).mean()
+    assert 0.01 < ink < 0.9, (path, ink)

@@ -18,7 +18,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import PIPELINE_STAGES, REPO_ROOT, ran_stages, run_command, run_queued_experiments
+from conftest import (
+    PIPELINE_STAGES,
+    REPO_ROOT,
+    commit_all,
+    ran_stages,
+    run_command,
+    run_queued_experiments,
+    set_params,
+)
 
 from stages.core.tracking.recorder import flatten
 
@@ -189,6 +197,9 @@ def test_queued_experiments_each_get_a_parent(pipeline_repo: Path, pipeline_env:
     the repo's own store, no locking errors, no stray store in DVC's temporary copies, and each
     registers the model of the finetune run behind its outputs (the execution's own or, when
     DVC skipped finetune, the earlier one), though it runs in a copy of the repo."""
+    # 200 bootstrap resamples: the intervals are not what this test checks
+    set_params(pipeline_repo, evaluate={"bootstrap_resamples": 200})
+    commit_all(pipeline_repo, pipeline_env, "fewer resamples")
     settings = ["evaluate.draws=1", "evaluate.draws=2", "finetune.lr=0.005"]
     status = run_queued_experiments(pipeline_repo, pipeline_env, settings)
     assert status.count("Success") == 3, status

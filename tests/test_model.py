@@ -248,25 +248,60 @@ def test_encode_rejects_unknown_labels(config: ModelConfig) -> None:
         encode(frame, config)
 
 
-def test_resolve_device() -> None:
+def _simulate_cuda(monkeypatch, devices: int, build: str | None = "12.8") -> None:
+    """What PyTorch reports on a machine with ``devices`` GPUs and a build for CUDA ``build``
+    (None: a CPU-only build), whatever this machine has: the choice reads only these."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
+    monkeypatch.setattr(torch.version, "cuda", build)
+
+
+def test_resolve_device(monkeypatch) -> None:
     assert resolve_device("cpu") == torch.device("cpu")
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("auto").type == expected
+    _simulate_cuda(monkeypatch, devices=0)
+    assert resolve_device("auto") == torch.device("cpu")
+    _simulate_cuda(monkeypatch, devices=1)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("requested", ["cuda", "cuda:1"])
-def test_cuda_without_cuda_is_one_line(requested: str) -> None:
+@pytest.mark.parametrize(
+    ("build", "described"), [(None, "a CPU-only build"), ("12.8", "CUDA 12.8")]
+)
+def test_cuda_without_cuda_is_one_line(monkeypatch, requested: str, build, described) -> None:
+    """No GPU seen, with a CPU-only build or with PyPI's CUDA build on a machine without one."""
+    _simulate_cuda(monkeypatch, devices=0, build=build)
     with pytest.raises(ParamsError) as caught:
         resolve_device(requested)
     assert str(caught.value) == (
         f"train.device: {requested!r}, but PyTorch sees no CUDA device "
-        f"(torch {torch.__version__}, a CPU-only build); use auto or cpu"
+        f"(torch {torch.__version__}, {described}); use auto or cpu"
     )
 
 
+def test_cuda_index_past_the_devices_is_one_line(monkeypatch) -> None:
+    _simulate_cuda(monkeypatch, devices=2)
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ParamsError) as caught:
+        resolve_device("cuda:2")
+    assert str(caught.value) == "train.device: 'cuda:2', but there are 2 CUDA device(s)"
+
+
+def test_cuda_under_torchrun_is_the_local_rank_gpu(monkeypatch) -> None:
+    _simulate_cuda(monkeypatch, devices=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index is kept
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ParamsError, match=r"there are 2 CUDA device\(s\)$"):
+        resolve_device("cuda")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_index_past_the_devices_is_one_line() -> None:
+def test_cuda_index_past_the_real_devices_is_one_line() -> None:
     count = torch.cuda.device_count()
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ParamsError, match=rf"there are {count} CUDA device\(s\)$"):

@@ -29,11 +29,12 @@ PROJECT_FILES = [
 ]
 STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
 REPRO_TIMEOUT = 900  # seconds; a cold run takes about a minute on a busy 2-core machine
-# Small but real: a few hundred rows, few epochs, two shot draws.
+# Small but real: a few hundred rows, few epochs, two shot draws, 200 bootstrap resamples (the
+# intervals are not what these tests check).
 SMALL = {
     "train": {"epochs": 40, "patience": None},
     "finetune": {"epochs": 30},
-    "evaluate": {"draws": 2},
+    "evaluate": {"draws": 2, "bootstrap_resamples": 200},
 }
 
 pytestmark = pytest.mark.e2e
@@ -52,6 +53,8 @@ def env() -> dict:
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
     environment |= {"MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false"}
+    # Nothing here reads MLflow (test_mlflow_e2e does): no store, no runs, seconds per stage saved
+    environment["PIPELINE_TRACKING"] = "off"
     return environment
 
 

@@ -127,27 +127,42 @@ def test_grad_clipping_limits_the_steps(config, blobs) -> None:
     assert moved[1e-12] < 1e-4
 
 
-def test_compile_trains_the_same_model(config, blobs, monkeypatch) -> None:
-    """``compile`` runs the steps through torch.compile (eager backend here: inductor's C++
-    build takes ~20 s on a busy CPU; the GPU check runs the real backend)."""
+def test_compile_trains_the_same_model(blobs, monkeypatch) -> None:
+    """``compile`` runs the steps through a real torch.compile on the CPU (inductor, which
+    builds C++ kernels with the system's compiler; seconds with a warm inductor cache, 20-45 s
+    cold on a busy 2-core machine): the compiled steps train the same model as eager ones."""
+    import torch._dynamo.utils
+    import torch._inductor.metrics
+
     compiled = []
     real_compile = torch.compile
 
-    def eager_compile(model, **kwargs):
-        compiled.append(model)
-        return real_compile(model, backend="eager")
+    def spy_compile(model, **kwargs):
+        compiled.append((model, kwargs))
+        return real_compile(model, **kwargs)
 
-    monkeypatch.setattr(torch, "compile", eager_compile)
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    (x, _), _ = blobs
+    config = make_config(x, hidden=[16])
     plain, fast = make_model(config, seed=1), make_model(config, seed=1)
-    options = FitOptions(3, 16, 0.01, seed=3, device="cpu")
+    options = FitOptions(2, 16, 0.01, seed=3, device="cpu")
     torch.manual_seed(0)
     fit(plain, *blobs, options)
+    assert compiled == []
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch._inductor.metrics.reset()
     torch.manual_seed(0)
-    fit(fast, *blobs, replace(options, compile=True))
-    assert compiled == [fast]
+    result = fit(fast, *blobs, replace(options, compile=True))
+    torch._dynamo.reset()  # no compiled frames left behind for later tests
+    assert compiled == [(fast, {})]  # the default backend: inductor
+    # Dynamo captured the steps and inductor generated kernels for them: a real compile ran
+    assert torch._dynamo.utils.counters["frames"]["ok"] > 0
+    assert torch._inductor.metrics.generated_kernel_count > 0
+    assert result.best.val_accuracy > 0.9  # it trained
     assert list(fast.state_dict()) == list(plain.state_dict())  # no _orig_mod prefixes
     for key, value in state_copy(plain).items():
-        torch.testing.assert_close(fast.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.state_dict()[key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_nan_val_loss_from_the_first_epoch_is_one_line(config, blobs) -> None:
