@@ -17,7 +17,7 @@ from stages.core.common.cli import run_as_script
 from stages.core.common.errors import GateError
 from stages.core.common.io import write_csv, write_json, write_text
 from stages.core.common.params import load_params
-from stages.core.common.schema import LABEL
+from stages.core.common.schema import LABEL, TEXT
 from stages.core.data.splitting import PARTS
 from stages.core.evaluation.baselines import classical_baseline, compare_on_draws
 from stages.core.evaluation.figures import draw_figures
@@ -26,8 +26,16 @@ from stages.core.evaluation.metrics import per_class_scores
 from stages.core.evaluation.report import render_report
 from stages.core.evaluation.results import evaluation_metrics, plot_files
 from stages.core.evaluation.scoring import predictions, score_model
+from stages.core.evaluation.text_scoring import (
+    compare_text_draws,
+    confident_mistakes,
+    score_text_model,
+    tfidf_baseline,
+)
 from stages.core.modeling.finetuning import sample_shots
 from stages.core.modeling.model import load_model
+from stages.core.modeling.text import is_text_model, load_text_model
+from stages.core.modeling.text_training import tokenize_rows
 from stages.core.tracking.model_evaluation import evaluate_registered
 from stages.core.tracking.registry import promote, register
 from stages.core.tracking.runs import stage_run
@@ -42,6 +50,8 @@ def main() -> None:
         for role in ("base", "target"):
             run.log_dataset(layout.split_path(role, "test"), "test")
         target = {part: pd.read_parquet(layout.split_path("target", part)) for part in PARTS}
+        if is_text_model(layout.FINETUNED_MODEL):
+            return evaluate_text(params, run, base_test, target)
         base, base_config = load_model(layout.BASE_MODEL)
         tuned, tuned_config = load_model(layout.FINETUNED_MODEL)
         tuned_scored = score_model(tuned, tuned_config, target["test"])
@@ -74,22 +84,30 @@ def main() -> None:
             "finetuned": metrics["finetuned"]["per_class"],
             "scratch": per_class_scores(draws[0].scratch, classes),
         }
+        finish(run, params, metrics, checked, tuned_scored, per_class)
+
+
+def finish(run, params, metrics, checked, tuned_scored, per_class, mistakes=None) -> None:
+    """The evaluation's files, figures, report and MLflow records, then the registry's aliases
+    and the gates' verdict (raised as a GateError after the registry has it)."""
+    if True:  # indented as the stage run's body it was; shared by feature and text models
         for path, frame in plot_files(tuned_scored, per_class).items():
             write_csv(path, frame)
+        histories = {
+            "train (base domain)": pd.read_csv(layout.TRAIN_PLOT),
+            "finetune (target shots)": pd.read_csv(layout.FINETUNE_PLOT),
+        }
         figures = draw_figures(
             layout.FIGURES,
             tuned_scored.pairs,
             tuned_scored.proba,
-            classes,
-            histories={
-                "train (base domain)": pd.read_csv(layout.TRAIN_PLOT),
-                "finetune (target shots)": pd.read_csv(layout.FINETUNE_PLOT),
-            },
+            tuned_scored.classes,
+            histories={name: frame for name, frame in histories.items() if len(frame)},
             recalls={m: {c: row["recall"] for c, row in r.items()} for m, r in per_class.items()},
         )
         links = {caption: path.relative_to(layout.EVALUATION_REPORT.parent).as_posix()
                  for caption, path in figures.items()}  # fmt: skip
-        report = render_report(metrics, checked, params, links)
+        report = render_report(metrics, checked, params, links, mistakes)
         write_text(layout.EVALUATION_REPORT, report)
 
         run.log_metrics(metrics, parent=True)
@@ -105,6 +123,44 @@ def main() -> None:
         if failures:
             # Raised inside the run: it ends FAILED, after the registry has the gates' verdict.
             raise GateError("\n".join(failures))
+
+
+def evaluate_text(params, run, base_test: pd.DataFrame, target: dict) -> None:
+    """The text models (model.arch hf): scored on the raw test texts, against the same
+    architecture from random weights over the draws and TF-IDF + logistic regression on the
+    same rows. A one-domain dataset (or an untrained base) has no zero-shot row and no
+    base-accuracy gate."""
+    test_path = layout.split_path("target", "test")
+    base = load_text_model(layout.BASE_MODEL)
+    tuned, tokenizer, tuned_config = load_text_model(layout.FINETUNED_MODEL)
+    tuned_scored = score_text_model(tuned, tokenizer, tuned_config, target["test"])
+    run.send(register, layout.FINETUNED_MODEL, test_path, params.tracking.registered_model)
+    # MLflow's evaluation of the version, on the test split's one text column (the model's
+    # input is one unnamed string column).
+    classes = tuned_config.classes
+    run.send(evaluate_registered, test_path, [TEXT], tuned_scored.proba, classes)
+    draws = compare_text_draws(base, tuned_scored, target, params)
+    shots = sample_shots(target["train"], params.finetune.shots_per_class, params.finetune.seed)
+    base_trained = params.train.objective != "none"
+    zero_shot = None
+    covered = set(target["test"][LABEL]) <= set(base[2].classes)
+    if base_trained and not params.data.single_domain and covered:
+        zero_shot = score_text_model(*base, target["test"]).pairs
+    metrics = evaluation_metrics(
+        base=score_text_model(*base, base_test) if base_trained else None,
+        finetuned=tuned_scored,
+        draws=draws,
+        sklearn=tfidf_baseline(shots, target["test"]),
+        zero_shot=zero_shot,
+        params=params.evaluate,
+    )
+    mistakes = confident_mistakes(tuned_scored, target["test"][TEXT].tolist())
+    metrics["truncated_rows"] = tokenize_rows(tokenizer, target["test"], tuned_config).truncated
+    checked = gates(metrics, params.evaluate, base_gate=not params.data.single_domain)
+    write_json(layout.EVALUATE_METRICS, metrics)
+    per_class = {key: metrics[key]["per_class"] for key in ("base", "finetuned") if key in metrics}
+    per_class["scratch"] = per_class_scores(draws[0].scratch, classes)
+    finish(run, params, metrics, checked, tuned_scored, per_class, mistakes)
 
 
 if __name__ == "__main__":

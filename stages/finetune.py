@@ -24,6 +24,8 @@ from stages.core.engine.training import fit_summary, history_rows
 from stages.core.modeling.architectures import count_parameters
 from stages.core.modeling.finetuning import fine_tune, sample_shots
 from stages.core.modeling.model import load_model, save_model
+from stages.core.modeling.text import is_text_model, load_text_model, save_text_model
+from stages.core.modeling.text_training import finetune_text
 from stages.core.tracking.registry import log_model
 from stages.core.tracking.runs import stage_run
 
@@ -46,7 +48,8 @@ def main() -> None:
     key = checkpoints.fingerprint
     with stage_run("finetune", experiment, sections, key, resumed, pipeline_params=params) as run:
         started = time.perf_counter()
-        base, base_config = load_model(layout.BASE_MODEL)
+        text = is_text_model(layout.BASE_MODEL)
+        base, base_config = (None, None) if text else load_model(layout.BASE_MODEL)
         run.log_dataset(layout.split_path("target", "train"), "training")
         run.log_dataset(layout.split_path("target", "val"), "validation")
         shots = sample_shots(
@@ -55,6 +58,8 @@ def main() -> None:
             params.finetune.seed,
         )
         val = pd.read_parquet(layout.split_path("target", "val"))
+        if text:
+            return finetune_text_model(params, shots, val, run, checkpoints, started)
         model, config, result = fine_tune(
             base,
             base_config,
@@ -84,6 +89,41 @@ def main() -> None:
         f"finetune: {params.finetune.strategy} trained {result.trainable_parameters:,} of "
         f"{count_parameters(model):,} parameters on {len(shots)} shots, "
         f"target val accuracy {summary['val_accuracy']:.3f}"
+    )
+
+
+def finetune_text_model(params, shots, val, run, checkpoints, started: float) -> None:
+    """A text base model (model.arch hf) adapted to the target's rows -> models/finetuned/, a
+    Hugging Face checkpoint (finetune.lora.save: merged weights, the adapter, or both)."""
+    base, tokenizer, base_config = load_text_model(layout.BASE_MODEL)
+    tuned = finetune_text(
+        base, tokenizer, base_config, shots, val, params, params.finetune.seed, run.log_epoch,
+        checkpoints=checkpoints, progress="finetune",
+    )  # fmt: skip
+    n_parameters = count_parameters(tuned.model)
+    form = params.finetune.lora.save if params.finetune.strategy == "lora" else "merged"
+    save_text_model(
+        layout.FINETUNED_MODEL, tuned.model, tokenizer, tuned.config, form, layout.BASE_MODEL
+    )
+    summary = fit_summary(tuned.result) | {
+        "shots": len(shots),
+        "trainable_parameters": tuned.trainable_parameters,
+        "truncated_rows": tuned.truncated,
+    }
+    write_json(layout.FINETUNE_METRICS, summary)
+    write_csv(layout.FINETUNE_PLOT, pd.DataFrame(history_rows(tuned.result)))
+    run.log_metrics(
+        {f"final_{k}": v for k, v in summary.items()}
+        | {"parameters": n_parameters, "wall_time_s": time.perf_counter() - started}
+    )
+    run.log_artifacts(layout.FINETUNE_PLOT)
+    run.send(log_model, layout.FINETUNED_MODEL, layout.split_path("target", "val"))
+    checkpoints.clear()
+    print(
+        f"finetune: {params.finetune.strategy} trained {tuned.trainable_parameters:,} of "
+        f"{n_parameters:,} parameters of {base_config.model_type} on {len(shots)} rows, "
+        f"target val accuracy {summary['val_accuracy']:.3f}"
+        + (f" (saved: {form})" if params.finetune.strategy == "lora" else "")
     )
 
 

@@ -31,6 +31,8 @@ from stages.core.engine.distributed import (
 from stages.core.engine.training import fit, fit_options, fit_summary, history_rows
 from stages.core.modeling.architectures import count_parameters
 from stages.core.modeling.model import Classifier, base_config, encode, save_model
+from stages.core.modeling.text import save_text_model
+from stages.core.modeling.text_training import train_text
 from stages.core.tracking.registry import log_model
 from stages.core.tracking.runs import stage_run
 
@@ -48,6 +50,8 @@ def main() -> None:
 def train(params: Params, world: World) -> None:
     sections = {key: params.section(key) for key in ("model", "train")}
     sections["data"] = {"image_shape": params.data.image_shape}
+    if params.model.arch == "hf":
+        sections["data"]["text_column"] = params.data.text_column
     inputs = [layout.split_path("base", "train"), layout.split_path("base", "val")]
     checkpoints = Checkpoints(
         layout.checkpoint_dir("train"),
@@ -72,6 +76,8 @@ def train(params: Params, world: World) -> None:
             run.log_dataset(inputs[0], "training")
             run.log_dataset(inputs[1], "validation")
         base_train, val = (pd.read_parquet(path) for path in inputs)
+        if params.model.arch == "hf":
+            return train_text_model(params, base_train, val, run, checkpoints, started)
         config = base_config(base_train, params.model, params.data)
         torch.manual_seed(params.train.seed)
         model = Classifier(config)
@@ -102,6 +108,44 @@ def train(params: Params, world: World) -> None:
     print(
         f"train: {config.arch} of {n_parameters:,} parameters on {world.size} process(es), "
         f"val accuracy {summary['val_accuracy']:.3f} at epoch {summary['best_epoch']}"
+    )
+
+
+def train_text_model(params: Params, base_train, val, run, checkpoints, started: float) -> None:
+    """model.arch hf: the checkpoint fine-tuned on the base domain (train.objective classify)
+    or taken as it is (none) -> models/base/ with its tokenizer and provenance."""
+    on_epoch = run.log_epoch if run is not None else None
+    trained = train_text(
+        params, base_train, val, on_epoch, checkpoints=checkpoints, progress="train"
+    )
+    if run is None:
+        return
+    n_parameters = count_parameters(trained.model)
+    save_text_model(layout.BASE_MODEL, trained.model, trained.tokenizer, trained.config)
+    if trained.result is None:  # objective none: nothing trained, no epochs to plot
+        summary = {"objective": "none", "epochs_run": 0}
+        history = pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "val_accuracy"])
+    else:
+        summary = fit_summary(trained.result)
+        history = pd.DataFrame(history_rows(trained.result))
+    counts = {"parameters": n_parameters, "truncated_rows": trained.truncated}
+    write_json(layout.TRAIN_METRICS, summary | counts)
+    write_csv(layout.TRAIN_PLOT, history)
+    run.log_metrics(
+        {f"best_{k}": v for k, v in summary.items() if not isinstance(v, str)}
+        | counts
+        | {"trainable_parameters": trained.trainable_parameters}
+        | {"wall_time_s": time.perf_counter() - started}
+    )
+    run.log_artifacts(layout.TRAIN_PLOT)
+    run.send(log_model, layout.BASE_MODEL, layout.split_path("base", "val"))
+    checkpoints.clear()
+    provenance = trained.config.provenance
+    print(
+        f"train: {params.model.pretrained} ({trained.config.model_type}, {n_parameters:,} "
+        f"parameters, sha256 {provenance['sha256'][:12]}), objective {params.train.objective}"
+        + (f", val accuracy {summary['val_accuracy']:.3f}" if trained.result else "")
+        + f", {trained.truncated} row(s) truncated to {trained.config.max_length} tokens"
     )
 
 

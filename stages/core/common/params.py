@@ -274,6 +274,9 @@ class LoraParams(_Section):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, min_length=1)
+    # arch hf: what models/finetuned keeps of a LoRA model: merged weights, the adapter (with
+    # its head) on models/base, or both.
+    save: Literal["merged", "adapter", "both"] = "merged"
 
 
 class FinetuneParams(_Section):

@@ -27,12 +27,16 @@ class Gate:
         return f"evaluate.{self.key}: {self.metric}{detail} {self.value:.4f} < {self.threshold}"
 
 
-def gates(metrics: dict, params: EvaluateParams) -> list[Gate]:
-    """Every gate, in a fixed order, with the value it reads."""
+def gates(metrics: dict, params: EvaluateParams, base_gate: bool = True) -> list[Gate]:
+    """Every gate, in a fixed order, with the value it reads. ``base_gate`` False (a
+    one-domain text dataset, or a base model taken untrained) leaves the base-accuracy gate
+    out, as does a metrics block without ``base``."""
     transfer, tuned = metrics["transfer"], metrics["finetuned"]
-    return [
-        Gate("min_base_accuracy", "base.accuracy", metrics["base"]["accuracy"],
-             params.min_base_accuracy),
+    base = []
+    if base_gate and "base" in metrics:
+        base = [Gate("min_base_accuracy", "base.accuracy", metrics["base"]["accuracy"],
+                     params.min_base_accuracy)]  # fmt: skip
+    return base + [
         Gate("min_transfer_gain", "transfer.gain_mean", transfer["gain_mean"],
              params.min_transfer_gain,
              f"finetuned - scratch accuracy, mean over {transfer['draws']} draws"),

@@ -24,13 +24,14 @@ def _with_interval(block: Mapping, name: str) -> str:
     return f"{block[name]:.3f}{interval}"
 
 
-def _models_table(metrics: Mapping, shots: int) -> list[str]:
+def _models_table(metrics: Mapping, shots: int | str, text: bool = False) -> list[str]:
+    classical = "TF-IDF + logistic regression" if text else "logistic regression"
     rows = [
         ("base", "base model", "base-domain test"),
         ("zero_shot", "base model, no adaptation", "target-domain test"),
         ("finetuned", f"fine-tuned on {shots} shots/class", "target-domain test"),
         ("scratch", f"same net from scratch on the {shots} shots", "target-domain test"),
-        ("sklearn", "logistic regression on the same shots", "target-domain test"),
+        ("sklearn", f"{classical} on the same shots", "target-domain test"),
     ]
     lines = [
         "| model | trained as | scored on | accuracy [95% CI] | recall, macro [95% CI] "
@@ -93,6 +94,8 @@ def _confidence_lines(metrics: Mapping) -> list[str]:
         "|---|---|---|---|",
     ]
     for key in ("base", "finetuned"):
+        if key not in metrics:
+            continue
         block = metrics[key]
         lines.append(
             f"| {key} | {_number(block['roc_auc_ovr'])} | {_number(block['log_loss'])} "
@@ -107,6 +110,8 @@ def _worst_class_lines(metrics: Mapping) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for key in ("finetuned", "base"):
+        if key not in metrics:
+            continue
         present = [(c, row) for c, row in metrics[key]["per_class"].items() if row["support"]]
         worst = sorted(present, key=lambda item: item[1]["recall"])[:WORST_CLASSES_SHOWN]
         for label, row in worst:
@@ -115,6 +120,17 @@ def _worst_class_lines(metrics: Mapping) -> list[str]:
                 f"| {row['f1']:.3f} | {row['support']} |"
             )
     return lines
+
+
+def _mistake_lines(mistakes: Sequence[Mapping]) -> list[str]:
+    lines = ["## Most confident mistakes", ""]
+    if not mistakes:
+        return lines + ["No test text was misclassified.", ""]
+    lines += ["| text | true label | predicted | confidence |", "|---|---|---|---|"]
+    for row in mistakes:
+        cell = str(row["text"]).replace("|", "\\|")
+        lines.append(f"| {cell} | {row['actual']} | {row['predicted']} | {row['confidence']:.3f} |")
+    return lines + [""]
 
 
 def _gate_lines(gates: Sequence[Gate]) -> list[str]:
@@ -138,9 +154,13 @@ def render_report(
     gates: Sequence[Gate],
     params: Params,
     figures: Mapping[str, str],
+    mistakes: Sequence[Mapping] | None = None,
 ) -> str:
-    """The Markdown report; ``figures`` maps captions to paths relative to the report."""
+    """The Markdown report; ``figures`` maps captions to paths relative to the report.
+    ``mistakes`` (text models): the most confident wrong predictions, shown in a section."""
     shots = params.finetune.shots_per_class
+    if shots is None:
+        shots = "all"
     lines = [
         "# Evaluation",
         "",
@@ -151,7 +171,7 @@ def render_report(
         "",
         "## Models",
         "",
-        *_models_table(metrics, shots),
+        *_models_table(metrics, shots, text=mistakes is not None),
         "",
         _uncertainty_sentence(metrics, params),
         "",
@@ -171,6 +191,7 @@ def render_report(
         "",
         *_gate_lines(gates),
         "",
+        *(_mistake_lines(mistakes) if mistakes is not None else []),
         "## Pictures",
     ]
     for caption, path in figures.items():

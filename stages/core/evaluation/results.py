@@ -19,7 +19,7 @@ from stages.core.evaluation.scoring import Scored
 
 
 def evaluation_metrics(
-    base: Scored,
+    base: Scored | None,
     finetuned: Scored,
     draws: list[Draw],
     sklearn: pd.DataFrame,
@@ -32,6 +32,8 @@ def evaluation_metrics(
     Every block holds :func:`scores` and bootstrap intervals of accuracy, recall_macro and
     f1_macro (seeded, the same resamples for models scored on the same rows); ``base`` and
     ``finetuned`` add the per-class and probability figures of :func:`detailed_scores`.
+    ``base`` None (a text base model with an untrained head, ``train.objective: none``) leaves
+    the base block out.
     """
 
     def block(pairs: pd.DataFrame) -> dict:
@@ -44,7 +46,7 @@ def evaluation_metrics(
 
     finetuned_accuracy, scratch_accuracy = draw_accuracies(draws)
     metrics = {
-        "base": detailed(base),
+        **({"base": detailed(base)} if base is not None else {}),
         "finetuned": detailed(finetuned),
         "scratch": block(draws[0].scratch),
         "sklearn": block(sklearn),

@@ -19,8 +19,11 @@ from stages.core.modeling.lora import add_lora, merge_lora, resolve_targets
 from stages.core.modeling.model import Classifier, ModelConfig, encode
 
 
-def sample_shots(frame: pd.DataFrame, shots_per_class: int, seed: int) -> pd.DataFrame:
-    """``shots_per_class`` labelled rows of every class, drawn without replacement, seeded."""
+def sample_shots(frame: pd.DataFrame, shots_per_class: int | None, seed: int) -> pd.DataFrame:
+    """``shots_per_class`` labelled rows of every class, drawn without replacement, seeded;
+    None: every row of ``frame``, as it is."""
+    if shots_per_class is None:
+        return frame.reset_index(drop=True)
     counts = frame[LABEL].value_counts()
     short = counts[counts < shots_per_class]
     if not short.empty:

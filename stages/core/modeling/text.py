@@ -429,6 +429,10 @@ def save_text_model(
     if form not in FORMS:
         raise ParamsError(f"finetune.lora.save: unknown form {form!r} ({', '.join(FORMS)})")
     keeps_adapter = form != "merged" and hasattr(model.hf, "peft_config")
+    # What this save writes decides these two: a config copied from the base model's (the
+    # finetune stage's) carries the base's weights sha256, which an adapter-only directory
+    # must not claim.
+    config = config.replace(weights_sha256="", adapter={})
     if keeps_adapter and adapter_base is None:
         raise ModelError("saving a LoRA adapter needs the folder of the base it adapts")
     directory = Path(directory)
@@ -472,12 +476,14 @@ def is_text_model(directory: Path | str) -> bool:
 
 
 def load_text_model(
-    directory: Path | str, form: str | None = None
+    directory: Path | str, form: str | None = None, base: Path | str | None = None
 ) -> tuple[TextClassifier, Any, TextModelConfig]:
     """A saved text model, its tokenizer and config, on the CPU: ``form`` ``merged`` (the
     default where merged weights exist) or ``adapter`` (the base checkpoint recorded in the
     metadata with the LoRA adapter and head on it, a peft model). A missing or unreadable file,
-    or weights whose sha256 is not the one recorded, is a ModelError naming it."""
+    or weights whose sha256 is not the one recorded, is a ModelError naming it. ``base``: where
+    the adapter's base checkpoint is now (a copy elsewhere, e.g. among a served model's
+    artifacts) instead of the folder recorded; its sha256 is checked all the same."""
     directory = Path(directory)
     meta_path = directory / TEXT_META
     for path in (meta_path, directory / "config.json"):
@@ -492,7 +498,7 @@ def load_text_model(
     if form == "adapter":
         if not config.adapter:
             raise ModelError(f"{directory}: holds no LoRA adapter (saved as merged weights)")
-        return _load_adapter(directory, config)
+        return _load_adapter(directory, config, base)
     _check_sha256(directory, config.weights_sha256, directory)
     _quiet()
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -515,9 +521,9 @@ def _check_sha256(folder: Path, expected: str, named: Path) -> None:
 
 
 def _load_adapter(
-    directory: Path, config: TextModelConfig
+    directory: Path, config: TextModelConfig, base: Path | str | None = None
 ) -> tuple[TextClassifier, Any, TextModelConfig]:
-    base = Path(config.adapter["base"])
+    base = Path(base if base is not None else config.adapter["base"])
     if not (base / "config.json").is_file():
         raise ModelError(f"{directory}: the adapter's base checkpoint {base} is not there")
     _check_sha256(base, config.adapter["base_sha256"], base)

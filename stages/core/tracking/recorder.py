@@ -37,10 +37,24 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+# MLflow refuses a param value over 6000 characters (mlflow.utils.validation): a long
+# id2label or list of target modules is shortened to this, never a crash.
+PARAM_LIMIT = 6000
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    tail = f"... ({len(text)} characters in all)"
+    return text[: limit - len(tail)] + tail
+
+
 def param_value(value: Any) -> str:
     """How a param reads in MLflow: ``null`` for None, else its text (lists as ``[128, 64]``),
-    with the user-info part of any URI in it redacted (a ``data.source`` URL with a token)."""
-    return "null" if value is None else redact(str(value))
+    with the user-info part of any URI in it redacted (a ``data.source`` URL with a token),
+    shortened to MLflow's length limit."""
+    return "null" if value is None else shorten(redact(str(value)), PARAM_LIMIT)
 
 
 class Recorder:

@@ -9,9 +9,9 @@ MLflow's own evaluation of it runs while the stage computes its metrics, and pro
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
+
+from stages.core.common.schema import TEXT
 
 CANDIDATE = "candidate"
 
@@ -123,14 +123,36 @@ def log_model(recorder, model_dir: str, example_path: str) -> str:
     parquet split ``example_path`` as its input example); returns the model's URI."""
     import pandas as pd
 
+    from stages.core.tracking.serving import log_pyfunc, model_config
+
     recorder.activate()
-    features = json.loads((Path(model_dir) / "config.json").read_text())["feature_names"]
-    example = pd.read_parquet(example_path, columns=features).head(5)
-    from stages.core.tracking.serving import log_pyfunc
+    config = model_config(model_dir)
+    if config.get("text"):  # the split's canonical text column, named as the model takes it
+        example = pd.read_parquet(example_path, columns=[TEXT]).head(5)
+        example = example.rename(columns={TEXT: config["text_column"]})
+    else:
+        example = pd.read_parquet(example_path, columns=config["feature_names"]).head(5)
 
     info = log_pyfunc(model_dir, example)
     recorder.client.set_tag(recorder.run_id, "model_uri", info.model_uri)
     return info.model_uri
+
+
+def provenance_tags(model_dir: str) -> dict[str, str]:
+    """A text model's base checkpoint as version tags (``base.pretrained``, ``base.revision``,
+    ``base.sha256``), each within MLflow's length limit; none for the other models."""
+    from stages.core.tracking.recorder import shorten
+    from stages.core.tracking.serving import model_config
+
+    provenance = model_config(model_dir).get("provenance") or {}
+    return {
+        f"base.{key}": shorten("null" if value is None else str(value), TAG_LIMIT)
+        for key, value in provenance.items()
+    }
+
+
+# MLflow's limit on a model version's tag value (mlflow.utils.validation); kept far below it.
+TAG_LIMIT = 5000
 
 
 def register(recorder, model_dir: str, example_path: str, name: str) -> None:
@@ -145,7 +167,7 @@ def register(recorder, model_dir: str, example_path: str, name: str) -> None:
         model_uri = log_model(recorder, model_dir, example_path)
     context = {k: v for k, v in recorder.context_tags().items() if not k.startswith("mlflow.")}
     version_tags = {"parent_run_id": recorder.parent_id or "", "evaluate_run_id": recorder.run_id}
-    version_tags |= context | {GATES_TAG: "pending"}
+    version_tags |= context | {GATES_TAG: "pending"} | provenance_tags(model_dir)
     version = create_version(recorder.client, name, model_uri, version_tags)
     recorder.registered = (name, version)
 

@@ -5,7 +5,12 @@ Logged as a model from code (this file), with the model directory (``model.safet
 ``config.json``) as its artifact and the ``stages`` package as its code: loading unpickles
 nothing. ``predict`` takes a DataFrame of the raw feature columns, any number of rows, and returns
 the class labels (the model applies its own scaling); with ``params={"probabilities": True}`` it
-returns one column of probabilities per class instead."""
+returns one column of probabilities per class instead.
+
+A text model (``model.arch: hf``: a Hugging Face checkpoint with its tokenizer and
+``TEXT_META``) takes a DataFrame with its text column, or a list of strings, and answers the
+same way; its signature has one string input (unnamed, so that a list passes MLflow's schema
+check)."""
 
 from __future__ import annotations
 
@@ -18,19 +23,45 @@ import pandas as pd
 from mlflow.models import set_model
 
 ARTIFACT = "model"  # the key of the model directory among the pyfunc's artifacts
+# A text model saved as a LoRA adapter only (finetune.lora.save: adapter): the base checkpoint
+# it goes on, logged beside it so that the logged model is whole.
+ADAPTER_BASE = "adapter_base"
+# stages.core.modeling.text.TEXT_META, not imported from there: that module imports torch, and
+# this one is imported by the tracking worker, which never needs it.
+TEXT_META = "pipeline.json"
 
 
 # What loading the model imports, pinned to this environment's versions.
 REQUIREMENTS = ("mlflow", "torch", "safetensors", "numpy", "pandas", "pydantic", "pyyaml")
+TEXT_REQUIREMENTS = ("transformers", "tokenizers")
+
+
+def model_config(model_dir: Path | str) -> dict[str, Any]:
+    """The metadata of a saved model directory: a text model's ``TEXT_META`` (with
+    ``"text": True``), else the feature model's ``config.json``."""
+    import json
+
+    text_meta = Path(model_dir) / TEXT_META
+    if text_meta.is_file():
+        return json.loads(text_meta.read_text()) | {"text": True}
+    return json.loads((Path(model_dir) / "config.json").read_text())
 
 
 class PipelineModel(mlflow.pyfunc.PythonModel):
     """A saved pipeline model (`models/base`, `models/finetuned`) behind the pyfunc API."""
 
     def load_context(self, context) -> None:
+        directory = context.artifacts[ARTIFACT]
+        self.tokenizer = None
+        if (Path(directory) / TEXT_META).is_file():
+            from stages.core.modeling.text import load_text_model
+
+            base = context.artifacts.get(ADAPTER_BASE)
+            self.model, self.tokenizer, self.config = load_text_model(directory, base=base)
+            return
         from stages.core.modeling.model import load_model
 
-        self.model, self.config = load_model(context.artifacts[ARTIFACT])
+        self.model, self.config = load_model(directory)
 
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -38,6 +69,8 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         import numpy as np
         import torch
 
+        if self.tokenizer is not None:
+            return self._predict_texts(model_input, params)
         missing = [c for c in self.config.feature_names if c not in model_input.columns]
         if missing:
             raise ValueError(f"missing feature columns {missing[:5]} ({len(missing)} in all)")
@@ -54,11 +87,35 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         labels = classes[probabilities.argmax(axis=1)]
         return pd.Series(labels, name="label", index=model_input.index)
 
+    def _predict_texts(self, model_input, params: dict[str, Any] | None):
+        import numpy as np
 
-def requirements() -> list[str]:
-    """Explicit pip requirements (inferring them costs 5-10 s a model)."""
+        from stages.core.modeling.text import predict_texts
+
+        column = self.config.text_column
+        if not isinstance(model_input, pd.DataFrame):  # a list (or Series) of strings
+            model_input = pd.DataFrame({column: list(model_input)})
+        if column not in model_input.columns:
+            if len(model_input.columns) != 1:
+                raise ValueError(f"missing the text column {column!r}")
+            column = model_input.columns[0]  # one unnamed column: the texts
+        texts = ["" if t is None else str(t) for t in model_input[column].tolist()]
+        probabilities = predict_texts(
+            self.model, self.tokenizer, texts, self.config.max_length
+        ).numpy()
+        if (params or {}).get("probabilities"):
+            columns = [str(label) for label in self.config.classes]
+            return pd.DataFrame(probabilities, columns=columns, index=model_input.index)
+        classes = np.asarray(self.config.classes)
+        labels = classes[probabilities.argmax(axis=1)] if len(texts) else classes[:0]
+        return pd.Series(labels, name="label", index=model_input.index)
+
+
+def requirements(text: bool = False, adapter: bool = False) -> list[str]:
+    """Explicit pip requirements (inferring them costs 5-10 s a model); a text model's add
+    transformers and tokenizers, and peft for one saved as an adapter only."""
     pins = []
-    for name in REQUIREMENTS:
+    for name in REQUIREMENTS + (TEXT_REQUIREMENTS if text else ()) + (("peft",) if adapter else ()):
         try:
             pins.append(f"{name}=={version(name).split('+')[0]}")
         except PackageNotFoundError:
@@ -67,13 +124,21 @@ def requirements() -> list[str]:
 
 
 def signature(config: dict[str, Any]):
-    """Inputs: the raw feature columns as doubles; output: the label; param: probabilities."""
+    """Inputs: the raw feature columns as doubles (a text model: its text column, a string);
+    output: the label; param: probabilities."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     label_type = "string" if any(isinstance(c, str) for c in config["classes"]) else "long"
+    if config.get("text"):
+        # One unnamed string column: MLflow then takes a list of strings as well as a DataFrame
+        # (its column named as the text column, or any one column); a named column would make
+        # it refuse the list.
+        inputs = Schema([ColSpec("string")])
+    else:
+        inputs = Schema([ColSpec("double", name) for name in config["feature_names"]])
     return ModelSignature(
-        inputs=Schema([ColSpec("double", name) for name in config["feature_names"]]),
+        inputs=inputs,
         outputs=Schema([ColSpec(label_type, "label")]),
         params=ParamSchema([ParamSpec("probabilities", "boolean", False)]),
     )
@@ -87,12 +152,15 @@ def log_pyfunc(model_dir: Path | str, input_example, name: str = "model"):
     train and finetune; tests/test_registry.py and the MLflow end-to-end tests load and predict
     with these models instead.
     """
-    import json
     from types import SimpleNamespace
 
     from mlflow.models import Model
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = model_config(model_dir)
+    artifacts = {ARTIFACT: str(model_dir)}
+    adapter_only = bool(config.get("adapter")) and not config.get("weights_sha256")
+    if adapter_only:
+        artifacts[ADAPTER_BASE] = config["adapter"]["base"]
     # Model.log saves through its flavor's save_model and skips the serving check when told.
     pyfunc = SimpleNamespace(__name__=mlflow.pyfunc.__name__, save_model=_save_pyfunc)
     return Model.log(
@@ -100,11 +168,11 @@ def log_pyfunc(model_dir: Path | str, input_example, name: str = "model"):
         name=name,
         flavor=pyfunc,
         python_model=Path(__file__),
-        artifacts={ARTIFACT: str(model_dir)},
+        artifacts=artifacts,
         code_paths=[str(Path(__file__).resolve().parents[2])],
         signature=signature(config),
         input_example=input_example,
-        pip_requirements=requirements(),
+        pip_requirements=requirements(bool(config.get("text")), adapter_only),
         validate_serving_input=False,
     )
 
