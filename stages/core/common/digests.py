@@ -9,13 +9,21 @@ from pathlib import Path
 CHUNK = 1 << 20
 
 
-def file_md5(path: Path | str) -> str:
-    """The md5 DVC records for a file (of its bytes)."""
-    digest = hashlib.md5()
+def _file_digest(path: Path | str, digest) -> str:
     with open(path, "rb") as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_md5(path: Path | str) -> str:
+    """The md5 DVC records for a file (of its bytes)."""
+    return _file_digest(path, hashlib.md5())
+
+
+def file_sha256(path: Path | str) -> str:
+    """The SHA-256 of a file's bytes (``data.sha256`` of a download, a checkpoint's weights)."""
+    return _file_digest(path, hashlib.sha256())
 
 
 def dvc_md5(path: Path | str) -> str:

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 
+from stages.core.common.digests import file_sha256
 from stages.core.common.errors import DataError, one_line
 from stages.core.common.io import write_atomic
 from stages.core.common.layout import SOURCE_CACHE
@@ -212,15 +213,6 @@ def _not_utf8(path: Path, source: str) -> str:
             "save the file as UTF-8"
         )
     return f"{source}: not UTF-8 text; save the file as UTF-8"
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _mismatch(source: str, expected: str, actual: str) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stages.core.common.digests import file_sha256
 from stages.core.common.errors import ModelError, ParamsError, one_line
 from stages.core.common.io import read_json, write_json
 from stages.core.common.params import LoraParams, ModelParams
@@ -177,14 +178,6 @@ def head_modules(hf: nn.Module) -> list[str]:
         for name, child in hf.named_children()
         if child is not body and any(True for _ in child.parameters())
     ]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_sha256(folder: Path) -> str:
