@@ -22,10 +22,9 @@ from stages.core.engine.checkpoints import Checkpoints, fingerprint
 from stages.core.engine.devices import resolve_device
 from stages.core.engine.training import fit_summary, history_rows
 from stages.core.modeling.architectures import count_parameters
-from stages.core.modeling.finetuning import fine_tune, sample_shots
+from stages.core.modeling.finetuning import fine_tune, finetune_text, sample_shots
 from stages.core.modeling.model import load_model, save_model
 from stages.core.modeling.text import is_text_model, load_text_model, save_text_model
-from stages.core.modeling.text_training import finetune_text
 from stages.core.tracking.registry import log_model
 from stages.core.tracking.runs import stage_run
 

@@ -113,13 +113,13 @@ def test_the_champion_predicts_raw_texts(text_repo) -> None:
 
 def test_mlflow_models_serve_answers_raw_texts(text_repo, pipeline_env, tmp_path) -> None:
     """`mlflow models serve` of the champion: a JSON request of raw texts, labels back."""
-    from test_mlflow_e2e import serve_and_ask
+    from test_mlflow_e2e import as_labels, serve_and_ask
 
     repo, _ = text_repo
     env = pipeline_env | {"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
     rows = pd.DataFrame({"review": ["it was great and good", "awful bad day"]})
-    served = serve_and_ask(f"models:/{MODEL}@champion", rows, env, tmp_path / "serve.log")
-    assert served == ["pos", "neg"]
+    (served,) = serve_and_ask(f"models:/{MODEL}@champion", rows, env, tmp_path / "serve.log")
+    assert as_labels(served) == ["pos", "neg"]
 
 
 def test_a_lora_adapter_is_registered_whole(text_repo, pipeline_env) -> None:

@@ -24,9 +24,9 @@ from stages.core.evaluation.text_scoring import (
     score_text_model,
     tfidf_baseline,
 )
-from stages.core.modeling.finetuning import sample_shots
+from stages.core.modeling.finetuning import finetune_text, sample_shots
 from stages.core.modeling.text import load_text_model, save_text_model
-from stages.core.modeling.text_training import finetune_text, train_text
+from stages.core.modeling.text_training import train_text
 
 
 def split(n: int, seed: int) -> pd.DataFrame:

@@ -17,8 +17,7 @@ from stages.core.common.schema import LABEL, TEXT
 from stages.core.evaluation.baselines import Draw
 from stages.core.evaluation.scoring import Scored
 from stages.core.modeling import text
-from stages.core.modeling.finetuning import sample_shots
-from stages.core.modeling.text_training import finetune_text
+from stages.core.modeling.finetuning import finetune_text, sample_shots
 
 MISTAKES_SHOWN = 5
 MISTAKE_CHARS = 80  # a mistake's text in the report, shortened to this

@@ -1,9 +1,13 @@
-"""Fine-tuning: few-shot sampling and adapting a base model to the target domain."""
+"""Fine-tuning: few-shot sampling and adapting a base model to the target domain, for the
+classifier of numeric features (``fine_tune``) and for a Hugging Face text model
+(``finetune_text``, ``model.arch: hf``)."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import pandas as pd
 import torch
@@ -15,8 +19,10 @@ from stages.core.common.params import LoraParams, Params
 from stages.core.common.schema import LABEL
 from stages.core.engine.checkpoints import Checkpoints
 from stages.core.engine.training import EpochStats, FitOptions, FitResult, fit, fit_options
+from stages.core.modeling import text
 from stages.core.modeling.lora import add_lora, merge_lora, resolve_targets
 from stages.core.modeling.model import Classifier, ModelConfig, encode
+from stages.core.modeling.text_training import TextRun, tokenize_rows
 
 
 def sample_shots(frame: pd.DataFrame, shots_per_class: int | None, seed: int) -> pd.DataFrame:
@@ -121,3 +127,46 @@ def fine_tune(
         progress=progress,
     )
     return merge_lora(model), config, result
+
+
+def finetune_text(
+    base: text.TextClassifier,
+    tokenizer: Any,
+    base_config: text.TextModelConfig,
+    shots: pd.DataFrame,
+    val: pd.DataFrame,
+    params: Params,
+    seed: int,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    *,
+    keep_body: bool = True,
+    checkpoints: Checkpoints | None = None,
+    progress: str | None = None,
+) -> TextRun:
+    """A new, seeded head over the shots' classes on the base model's body, trained on
+    ``shots`` with ``finetune.strategy`` and the few-shot options (AdamW). ``keep_body=False``
+    is the scratch baseline: the same architecture from random weights, every layer trained.
+
+    A LoRA model comes back unmerged (a peft model): ``text.save_text_model`` merges it, so
+    predict with it before saving where the unmerged model matters."""
+    classes = sorted(shots[LABEL].unique().tolist())
+    model, config = text.with_new_head(base, base_config, classes, seed, keep_body=keep_body)
+    strategy = params.finetune.strategy if keep_body else "full"
+    torch.manual_seed(seed)  # LoRA's A matrices draw from the global generator
+    model = text.adapt(model, config, strategy, params.finetune.lora)
+    t, v = tokenize_rows(tokenizer, shots, config), tokenize_rows(tokenizer, val, config)
+    options = replace(few_shot_options(params, seed), optimizer="adamw")
+    kwargs = {"checkpoints": checkpoints, "progress": progress}
+    result = None
+    if strategy == "head":
+        result = text.fit_head_on_embeddings(
+            model, config, t.batches, v.batches, options, on_epoch, **kwargs
+        )
+    if result is None:
+        body_lr = params.finetune.body_lr if keep_body else None
+        groups = text.optimizer_groups(model, config, body_lr)
+        result = fit(model, t.batches, v.batches, options, on_epoch, param_groups=groups, **kwargs)
+    trainable = text.trainable_parameters(model)
+    domain = params.data.domains()[-1] if keep_body else "shots only"
+    config = config.replace(trained_on={"domain": domain, "rows": len(shots)})
+    return TextRun(model, tokenizer, config, result, t.truncated + v.truncated, trainable)

@@ -1,15 +1,12 @@
 """The text path of the train and finetune stages (``model.arch: hf``): a pretrained checkpoint
-fine-tuned on the base domain's labels (or taken as it is), and the base model adapted to the
-target's labelled rows with the head, full or lora strategy.
-
-The recipes the evaluate stage repeats for its draws live here too, so that every draw trains
-exactly as the shipped model did: ``finetune_text`` with ``keep_body=False`` is the same
-architecture from random weights (the scratch baseline)."""
+fine-tuned on the base domain's labels (or taken as it is). The finetune stage's recipe,
+``finetune_text``, is in stages.core.modeling.finetuning beside the digits one, so that an edit
+to either reruns finetune and evaluate but not train."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -20,7 +17,6 @@ from stages.core.common.schema import LABEL, TEXT
 from stages.core.engine.checkpoints import Checkpoints
 from stages.core.engine.training import EpochStats, FitResult, fit
 from stages.core.modeling import text
-from stages.core.modeling.finetuning import few_shot_options
 from stages.core.modeling.tokenization import Tokenized, label_indices, tokenize
 
 
@@ -75,46 +71,3 @@ def train_text(
     return TextRun(
         model, tokenizer, config, result, t.truncated + v.truncated, result.trainable_parameters
     )
-
-
-def finetune_text(
-    base: text.TextClassifier,
-    tokenizer: Any,
-    base_config: text.TextModelConfig,
-    shots: pd.DataFrame,
-    val: pd.DataFrame,
-    params: Params,
-    seed: int,
-    on_epoch: Callable[[EpochStats], None] | None = None,
-    *,
-    keep_body: bool = True,
-    checkpoints: Checkpoints | None = None,
-    progress: str | None = None,
-) -> TextRun:
-    """A new, seeded head over the shots' classes on the base model's body, trained on
-    ``shots`` with ``finetune.strategy`` and the few-shot options (AdamW). ``keep_body=False``
-    is the scratch baseline: the same architecture from random weights, every layer trained.
-
-    A LoRA model comes back unmerged (a peft model): ``text.save_text_model`` merges it, so
-    predict with it before saving where the unmerged model matters."""
-    classes = sorted(shots[LABEL].unique().tolist())
-    model, config = text.with_new_head(base, base_config, classes, seed, keep_body=keep_body)
-    strategy = params.finetune.strategy if keep_body else "full"
-    torch.manual_seed(seed)  # LoRA's A matrices draw from the global generator
-    model = text.adapt(model, config, strategy, params.finetune.lora)
-    t, v = tokenize_rows(tokenizer, shots, config), tokenize_rows(tokenizer, val, config)
-    options = replace(few_shot_options(params, seed), optimizer="adamw")
-    kwargs = {"checkpoints": checkpoints, "progress": progress}
-    result = None
-    if strategy == "head":
-        result = text.fit_head_on_embeddings(
-            model, config, t.batches, v.batches, options, on_epoch, **kwargs
-        )
-    if result is None:
-        body_lr = params.finetune.body_lr if keep_body else None
-        groups = text.optimizer_groups(model, config, body_lr)
-        result = fit(model, t.batches, v.batches, options, on_epoch, param_groups=groups, **kwargs)
-    trainable = text.trainable_parameters(model)
-    domain = params.data.domains()[-1] if keep_body else "shots only"
-    config = config.replace(trained_on={"domain": domain, "rows": len(shots)})
-    return TextRun(model, tokenizer, config, result, t.truncated + v.truncated, trainable)
