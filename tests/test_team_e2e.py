@@ -230,7 +230,7 @@ def test_a_fresh_experiment_created_by_many_at_once(team_stack: TeamStack, monke
 
     from mlflow import MlflowClient
 
-    from stages.core.tracking.runs import runs as tracking
+    from stages.core.tracking import store
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team_stack.uri)
     name = f"created-at-once-{secrets.token_hex(4)}"
@@ -240,7 +240,7 @@ def test_a_fresh_experiment_created_by_many_at_once(team_stack: TeamStack, monke
     def create() -> None:
         start.wait()
         try:
-            results.append(tracking.ensure_experiment(name))
+            results.append(store.ensure_experiment(name))
         except Exception as exc:  # a failure is the result under test
             results.append(exc)
 
