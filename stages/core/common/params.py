@@ -249,6 +249,9 @@ class TrainParams(_Section):
     eval_batch_size: int | None = Field(None, ge=1)  # token batches; None = batch_size
     checkpoint_every: int | None = Field(5, ge=1)
     nproc: int = Field(1, ge=1)
+    # With several processes: ddp replicates the model on every rank; fsdp shards parameters,
+    # gradients and optimizer state (PyTorch's fully_shard). One process: no effect.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     nnodes: int = Field(1, ge=1)
     node_rank: int = Field(0, ge=0)
     rdzv_endpoint: str | None = Field(None, pattern=r"^[^:\s]+:\d+$")

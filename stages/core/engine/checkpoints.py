@@ -4,7 +4,12 @@ They live in ``.checkpoints/<stage>/`` (layout.CHECKPOINTS), which git and DVC i
 never deletes, and are removed when the stage has written its outputs. A checkpoint holds what
 an uninterrupted run would carry on with (the model, the optimizer, the scheduler, every RNG
 state, the early-stopping state and the history) and a fingerprint of the params, the code, the
-input files and torch's version: a checkpoint made under any other is never resumed."""
+input files and torch's version: a checkpoint made under any other is never resumed.
+
+Under ``train.parallel: fsdp`` the model and optimizer state are sharded: every rank writes its
+shard into ``sharded-<epoch>/`` beside ``checkpoint.pt`` (``torch.distributed.checkpoint``),
+and ``checkpoint.pt`` (rank 0's, the rest of the state) names that folder; so under fsdp the
+checkpoint folder must be one that every rank reaches (one node, or a shared disk)."""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from stages.core.common.errors import one_line
 from stages.core.common.io import write_atomic
 
 CHECKPOINT_FILE = "checkpoint.pt"
+SHARDED_PREFIX = "sharded-"
 
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the stages package
@@ -79,6 +85,11 @@ class Checkpoints:
     def path(self) -> Path:
         return self.directory / CHECKPOINT_FILE
 
+    def sharded_folder(self, epoch: int) -> Path:
+        """Where every rank writes its shard of the model and optimizer after ``epoch``
+        (fsdp); ``checkpoint.pt`` names it as ``sharded``."""
+        return self.directory / f"{SHARDED_PREFIX}{epoch}"
+
     def latest(self) -> dict | None:
         """The checkpoint to resume from, or None: none there, checkpoints off, made under
         another fingerprint (a note), or unreadable (a one-line warning). Read once."""
@@ -117,6 +128,11 @@ class Checkpoints:
 
         full = {**state, "fingerprint": self.fingerprint}
         write_atomic(self.path, lambda tmp: torch.save(full, tmp))
+        # The sharded folders that checkpoint.pt no longer names (a kill before the line
+        # above left the previous checkpoint.pt and its folder whole).
+        for old in self.directory.glob(f"{SHARDED_PREFIX}*"):
+            if old.name != state.get("sharded"):
+                shutil.rmtree(old, ignore_errors=True)
 
     def clear(self) -> None:
         """Remove this stage's checkpoints (once its outputs are written)."""

@@ -5,18 +5,23 @@ group of each worker, and the few collectives the training loop needs.
 the stage is not already a torchrun worker, it runs itself again as
 ``python -m torch.distributed.run ... -m stages.train``. Each worker joins a process group
 (NCCL on CUDA, gloo on the CPU), trains its shard of every batch under DistributedDataParallel,
-and only rank 0 writes outputs and logs to MLflow."""
+and only rank 0 writes outputs and logs to MLflow. With ``train.parallel: fsdp`` the loop
+shards the model instead with PyTorch's ``fully_shard`` (per repeated block, then the root) and
+checkpoints the sharded state through ``torch.distributed.checkpoint``."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from stages.core.common.errors import TrainingError, one_line
 from stages.core.common.params import TrainParams
@@ -165,3 +170,89 @@ def agree(
     dist.all_reduce(values)
     total, loss, accuracy = values.tolist()
     return total, loss, accuracy
+
+
+# --- FSDP (train.parallel: fsdp): PyTorch's own fully_shard (FSDP2) and distributed checkpoint --
+
+
+def shard(model: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of ``model`` on ``device`` sharded across the process group with PyTorch's
+    ``fully_shard`` (FSDP2): each repeated block (every child of an ``nn.ModuleList`` that is
+    not inside another such block) is its own FSDP unit, then the root takes what is left.
+    ``model`` itself stays as it is (a plain module on its device)."""
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = copy.deepcopy(model).to(device)
+    for block in repeated_blocks(sharded):
+        fully_shard(block)
+    fully_shard(sharded)
+    return sharded
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The children of ``model``'s ``nn.ModuleList``s that hold parameters, outermost only (a
+    ModuleList inside a block belongs to that block), in ``named_modules`` order."""
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()  # ids of modules within a chosen block
+
+    for module in model.modules():
+        if id(module) in inside or not isinstance(module, nn.ModuleList):
+            continue
+        for child in module:
+            if any(True for _ in child.parameters()):
+                blocks.append(child)
+                inside.update(id(m) for m in child.modules())
+    return blocks
+
+
+def same_groups(
+    model: nn.Module, sharded: nn.Module, param_groups: list[dict] | None
+) -> list[dict] | None:
+    """``param_groups`` over ``model``'s parameters, rewritten over ``sharded``'s (matched by
+    name: fully_shard replaces every parameter by a sharded one of the same name)."""
+    if param_groups is None:
+        return None
+    names = {id(p): name for name, p in model.named_parameters()}
+    by_name = dict(sharded.named_parameters())
+    return [
+        {**group, "params": [by_name[names[id(p)]] for p in group["params"]]}
+        for group in param_groups
+    ]
+
+
+def full_state(sharded: nn.Module) -> dict:
+    """The unsharded model state on rank 0's CPU (an empty dict on the other ranks), with
+    torch's ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``; every rank must
+    call it. The tensors are copies: later steps do not change them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(sharded, options=options)
+    return {key: value.detach().clone() for key, value in state.items()}
+
+
+def save_sharded(sharded: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every rank writes its shard of the model and optimizer state into ``folder`` through
+    ``torch.distributed.checkpoint`` (rank 0 adds the metadata); every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(sharded, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+
+
+def load_sharded(sharded: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Put the model and optimizer state that ``save_sharded`` wrote back, each rank reading
+    its own shard; every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(sharded, optimizer)  # templates to fill
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(
+        sharded,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+    )

@@ -6,8 +6,8 @@ loop asks a batch source for a batch's inputs (a tensor, or a dict the model tak
 arguments) and never knows the architecture. Around that: Adam or AdamW, a learning-rate
 schedule (constant, linear or cosine, with warmup),
 gradient clipping and accumulation, optional ``torch.compile``, bf16 autocast on CUDA, early
-stopping, checkpoints that resume to the same bytes, DistributedDataParallel under torchrun and
-a progress display."""
+stopping, checkpoints that resume to the same bytes, DistributedDataParallel (or FSDP2's
+``fully_shard``, ``parallel: fsdp``) under torchrun and a progress display."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ class FitOptions:
     # decay on the weight matrices only, not on biases and norms (what pretrained models want).
     optimizer: str = "adam"
     eval_batch_size: int | None = None  # token batches' evaluation batch; None = batch_size
+    # ddp: every rank holds the whole model (DistributedDataParallel); fsdp: parameters,
+    # gradients and optimizer state sharded with FSDP2's fully_shard. One process: no effect.
+    parallel: str = "ddp"
 
 
 def fit_options(section: Mapping[str, Any], **overrides: Any) -> FitOptions:
@@ -101,6 +104,10 @@ def fit(
     from the latest valid checkpoint and saves new ones as it goes. ``progress`` labels the
     progress display (None: quiet). Under torchrun (a process group is up) every rank trains its
     share of each batch under DistributedDataParallel; all ranks end with the same weights.
+    With ``options.parallel == "fsdp"`` a sharded copy of the model trains instead (FSDP2's
+    ``fully_shard`` per repeated block, then the root; checkpoints through
+    ``torch.distributed.checkpoint``) and the full final weights are loaded into ``model`` on
+    rank 0 only: the other ranks' ``model`` keeps the weights it came with.
     The model is left on the CPU. ``options.cpu_threads`` holds for this call only: the
     process's thread count is restored when fit returns or raises.
     """
@@ -132,11 +139,18 @@ def _fit(
         # Small nets run fastest on one thread: more only adds synchronisation.
         torch.set_num_threads(options.cpu_threads)
     autocast_dtype = resolve_precision(options.precision, device)
-    model.to(device)
+    fsdp = _sharding(options, world)
+    if fsdp:
+        from stages.core.engine.distributed import same_groups, shard
+
+        net = shard(model, device)  # the sharded copy that trains; model gets its final state
+        param_groups = same_groups(model, net, param_groups)
+    else:
+        net = model.to(device)
     train_data, val_data = as_batches(train).to(device), as_batches(val).to(device)
     if len(val_data) == 0:
         raise TrainingError("the val split has no rows: nothing to judge the training by")
-    optimizer, trained = _optimizer(model, param_groups, options)
+    optimizer, trained = _optimizer(net, param_groups, options)
     steps_per_epoch = math.ceil(len(train_data) / (options.batch_size * options.grad_accum))
     warmup_steps = round(options.warmup_epochs * steps_per_epoch)
     scheduler = None  # a constant lr needs none (and saves its per-step cost)
@@ -149,16 +163,21 @@ def _fit(
     if checkpoints is not None and world.size > 1:
         resumed = world.broadcast(resumed)  # rank 0's: other nodes may not share its disk
     if resumed is not None:
-        _restore(resumed, model, optimizer, scheduler, generator, loop, world, device)
-    step_model = _for_training(model, options, world, device)
+        if fsdp:
+            from stages.core.engine.distributed import load_sharded
+
+            load_sharded(net, optimizer, checkpoints.directory / resumed["sharded"])
+        _restore(resumed, net, optimizer, scheduler, generator, loop, world, device)
+    step_model = _for_training(net, options, world, device, fsdp)
+    state_of = _full_state_of(net) if fsdp else net.state_dict
     with EpochProgress(progress if world.is_main else None, options.epochs, loop.epoch) as shown:
         for epoch in range(loop.epoch + 1, options.epochs + 1):
-            model.train()
+            net.train()
             train_sum = _train_epoch(
                 step_model, optimizer, scheduler, train_data, generator, options, world,
                 autocast_dtype, trained,
             )  # fmt: skip
-            val_loss, val_accuracy = _val_loss(model, val_data, options, autocast_dtype)
+            val_loss, val_accuracy = _val_loss(net, val_data, options, autocast_dtype)
             total, val_loss, val_accuracy = agree(world, train_sum, val_loss, val_accuracy)
             stats = EpochStats(epoch, total / len(train_data), val_loss, val_accuracy)
             if not loop.history and not math.isfinite(val_loss):
@@ -171,13 +190,24 @@ def _fit(
             if on_epoch is not None:
                 on_epoch(stats)
             shown.update(stats)
-            stop = loop.record(stats, model, options.patience)
+            stop = loop.record(stats, state_of, options.patience)
             if checkpoints is not None and not stop and checkpoints.due(epoch):
-                snapshot = _snapshot(model, optimizer, scheduler, generator, loop, world, device)
+                snapshot = _snapshot(net, optimizer, scheduler, generator, loop, world, device)
+                if fsdp:
+                    from stages.core.engine.distributed import save_sharded
+
+                    folder = checkpoints.sharded_folder(epoch)
+                    save_sharded(net, optimizer, folder)
+                    snapshot = {k: v for k, v in snapshot.items() if k not in _SHARDED}
+                    snapshot["sharded"] = folder.name
                 checkpoints.save(snapshot)
             if stop:
                 break
-    if loop.best_state is not None:
+    if fsdp:  # the full state, gathered on rank 0's CPU, into the plain model there
+        final = loop.best_state if loop.best_state is not None else state_of()
+        if world.is_main:
+            model.load_state_dict(final)
+    elif loop.best_state is not None:
         model.load_state_dict(loop.best_state)
     model.to("cpu")
     kept = loop.history[loop.best_epoch - 1]
@@ -191,6 +221,25 @@ def _fit(
 
 
 Batches = TensorBatches | TokenBatches
+_SHARDED = ("model", "optimizer")  # the snapshot's keys that fsdp writes through DCP instead
+
+
+def _sharding(options: FitOptions, world: World) -> bool:
+    """Whether this run trains a sharded copy (fsdp with several processes); fsdp in one
+    process is plain training, as ddp is."""
+    if options.parallel not in ("ddp", "fsdp"):
+        raise TrainingError(f"train.parallel: unknown {options.parallel!r} (ddp or fsdp)")
+    if options.parallel == "fsdp" and options.compile and world.size > 1:
+        raise TrainingError("train.compile: not supported with train.parallel fsdp yet")
+    return options.parallel == "fsdp" and world.size > 1
+
+
+def _full_state_of(net: nn.Module) -> Callable[[], dict]:
+    """fsdp's state for early stopping's best weights: the full state on rank 0 (empty on
+    the others); a collective, which every rank reaches on the same epochs."""
+    from stages.core.engine.distributed import full_state
+
+    return lambda: full_state(net)
 
 
 def as_batches(data: tuple[torch.Tensor, torch.Tensor] | Batches) -> Batches:
@@ -248,24 +297,27 @@ class _LoopState:
     best_epoch: int = 0
     best_state: dict | None = None
 
-    def record(self, stats: EpochStats, model: nn.Module, patience: int | None) -> bool:
-        """Early stopping's bookkeeping for a finished epoch; True when it says stop."""
+    def record(self, stats: EpochStats, state_of: Callable[[], dict], patience: int | None) -> bool:
+        """Early stopping's bookkeeping for a finished epoch; True when it says stop.
+        ``state_of`` gives the model's state (copied when it is the best so far)."""
         self.epoch = stats.epoch
         if patience is None:
             self.best_epoch = stats.epoch
             return False
         if stats.val_loss < self.best_loss:
             self.best_loss, self.best_epoch = stats.val_loss, stats.epoch
-            self.best_state = copy.deepcopy(model.state_dict())
+            self.best_state = copy.deepcopy(state_of())
             return False
         return stats.epoch - self.best_epoch >= patience
 
 
 def _for_training(
-    model: nn.Module, options: FitOptions, world: World, device: torch.device
+    model: nn.Module, options: FitOptions, world: World, device: torch.device, fsdp: bool
 ) -> nn.Module:
     """The module the training steps call: compiled and/or DDP-wrapped as asked (nanoGPT's
-    order); it shares its parameters with ``model``."""
+    order); it shares its parameters with ``model``. Under fsdp, ``model`` is already sharded."""
+    if fsdp:
+        return model
     step_model = torch.compile(model) if options.compile else model
     if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -291,7 +343,9 @@ def _train_epoch(
     Every rank draws the same permutation. An optimizer step takes ``batch_size x grad_accum``
     rows as ``grad_accum`` batches; under DDP each rank takes every ``size``-th row of each batch.
     Each piece's loss is scaled so that the step's gradient is the mean over all of its rows, as
-    one big batch on one process would give.
+    one big batch on one process would give. FSDP's reduce-scatter averages over the ranks as
+    DDP's all-reduce does, so the same scaling holds; its ``set_requires_gradient_sync`` is
+    DDP's ``no_sync``.
     """
     y = data.targets
     device = y.device
@@ -299,6 +353,7 @@ def _train_epoch(
     total = torch.zeros((), device=device)
     step_rows = options.batch_size * options.grad_accum
     plain = world.size == 1 and options.grad_accum == 1
+    sharded = hasattr(step_model, "set_requires_gradient_sync")  # an FSDPModule
     for start in range(0, len(data), step_rows):
         step = order[start : start + step_rows]
         optimizer.zero_grad(set_to_none=True)
@@ -308,7 +363,9 @@ def _train_epoch(
                 idx = idx[world.rank :: world.size]
             # Under DDP, gradients are averaged across ranks once per step, on the last batch.
             syncing = world.size == 1 or i == len(batches) - 1
-            with contextlib.nullcontext() if syncing else step_model.no_sync():
+            if sharded:
+                step_model.set_requires_gradient_sync(syncing)
+            with contextlib.nullcontext() if syncing or sharded else step_model.no_sync():
                 with _autocast(device, autocast_dtype):
                     logits = call(step_model, data.inputs(idx))
                     if plain:  # the common case, kept exactly as the bare loop computes it
@@ -371,9 +428,11 @@ def _restore(
     world: World,
     device: torch.device,
 ) -> None:
-    """Put the loop back where ``state`` (a checkpoint) left it."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    """Put the loop back where ``state`` (a checkpoint) left it (under fsdp, the model and
+    optimizer came back from their shards before)."""
+    if "sharded" not in state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["shuffle_rng"])
