@@ -16,7 +16,8 @@ import torch
 import torch.multiprocessing as mp
 from conftest import make_blobs, make_config, make_model
 
-from stages.core.common.errors import TrainingError
+from stages.core.common.errors import ParamsError, TrainingError
+from stages.core.common.params import parse_params
 from stages.core.engine.checkpoints import Checkpoints
 from stages.core.engine.distributed import repeated_blocks
 from stages.core.engine.training import EpochStats, FitOptions, fit
@@ -179,3 +180,25 @@ def test_an_unknown_parallel_is_one_line() -> None:
     options = FitOptions(**{**vars(OPTIONS), "parallel": "zero"})
     with pytest.raises(TrainingError, match=r"^train\.parallel: unknown 'zero' \(ddp or fsdp\)$"):
         fit(_model(0.0), (x, y), val, options)
+
+
+def test_a_bad_parallel_param_is_one_line_naming_the_key() -> None:
+    with pytest.raises(ParamsError) as caught:
+        parse_params({"train": {"parallel": "zero"}}, "params.yaml")
+    expected = "params.yaml: train.parallel: Input should be 'ddp' or 'fsdp' (got 'zero')"
+    assert str(caught.value) == expected
+    assert parse_params({}).train.parallel == "ddp"
+    assert parse_params({"train": {"parallel": "fsdp"}}).train.parallel == "fsdp"
+
+
+@pytest.mark.parametrize(
+    ("family", "blocks"), [("bert", "bert.encoder.layer"), ("gpt2", "transformer.h")]
+)
+def test_hugging_face_blocks_are_the_units(tiny_checkpoints, family: str, blocks: str) -> None:
+    from stages.core.common.params import ModelParams
+    from stages.core.modeling import text
+
+    params = ModelParams(arch="hf", pretrained=str(tiny_checkpoints[family]))
+    model, _, _ = text.load_pretrained(params, ["neg", "pos"], "text")
+    expected = list(model.get_submodule(f"hf.{blocks}"))
+    assert len(expected) >= 2 and repeated_blocks(model) == expected
