@@ -1,9 +1,10 @@
 """fit() under FSDP2 (``parallel: fsdp``): two real gloo processes on this CPU (no mocks), on
-the ``transformer`` arch, whose blocks each become an FSDP unit.
+the ``transformer`` arch and a tiny Hugging Face GPT-2 classifier, whose blocks each become an
+FSDP unit.
 
 One spawn runs every case one after the other (each spawn costs two interpreters importing
 torch): ddp and fsdp on the same data and seed, an fsdp run killed after some epochs and then
-resumed from its sharded checkpoint, and early stopping under both."""
+resumed from its sharded checkpoint, early stopping under both, and GPT-2 under both."""
 
 from __future__ import annotations
 
@@ -100,11 +101,12 @@ RUNS = [
 ]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, gpt2: str) -> None:
+    """One rank: the ``RUNS`` on the transformer arch, then the GPT-2 runs."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
     os.environ |= {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -114,14 +116,18 @@ def _worker(rank: int, port: int, out: str) -> None:
                 folder = Path(out) / "resume"
                 listing = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
                 torch.save(listing, Path(out) / "killed-listing.pt")
+        _train_gpt2(rank, Path(out), gpt2)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def runs(tmp_path_factory, tiny_checkpoints) -> Path:
+    """Every 2-process run of this file, in one spawn (each spawn costs two interpreters
+    importing torch)."""
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    args = (_free_port(), str(out), str(tiny_checkpoints["gpt2"]))
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
     return out
 
 
@@ -202,3 +208,49 @@ def test_hugging_face_blocks_are_the_units(tiny_checkpoints, family: str, blocks
     model, _, _ = text.load_pretrained(params, ["neg", "pos"], "text")
     expected = list(model.get_submodule(f"hf.{blocks}"))
     assert len(expected) >= 2 and repeated_blocks(model) == expected
+
+
+TEXT_OPTIONS = FitOptions(
+    epochs=2, batch_size=8, lr=6e-3, weight_decay=0.01, seed=0, device="cpu", cpu_threads=1,
+    optimizer="adamw", grad_accum=2, grad_clip=1.0,
+)  # fmt: skip
+
+
+def _train_gpt2(rank: int, out: Path, folder: str) -> None:
+    """One rank: a tiny GPT-2 classifier on token batches, under ddp then fsdp."""
+    from tiny_text import labelled_texts
+
+    from stages.core.common.params import ModelParams
+    from stages.core.modeling import text
+    from stages.core.modeling.tokenization import label_indices, tokenize
+
+    for parallel in ("ddp", "fsdp"):
+        torch.manual_seed(0)
+        params = ModelParams(arch="hf", pretrained=folder)
+        model, tokenizer, config = text.load_pretrained(params, ["neg", "pos"], "text")
+        train, val = (
+            tokenize(tokenizer, t, config.max_length, label_indices(y, ["neg", "pos"])).batches
+            for t, y in (labelled_texts(32, 1), labelled_texts(8, 2))
+        )
+        options = FitOptions(**{**vars(TEXT_OPTIONS), "parallel": parallel})
+        result = fit(model, train, val, options)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history = [s.val_loss for s in result.history]
+        torch.save({"state": state, "history": history}, out / f"gpt2-{parallel}-{rank}.pt")
+
+
+def test_a_gpt2_classifier_trains_under_fsdp_like_ddp(runs: Path, tiny_checkpoints) -> None:
+    """Token batches, a Hugging Face model whose ``transformer.h`` blocks are the units."""
+    from stages.core.common.params import ModelParams
+    from stages.core.modeling import text
+
+    torch.manual_seed(0)
+    params = ModelParams(arch="hf", pretrained=str(tiny_checkpoints["gpt2"]))
+    initial = text.load_pretrained(params, ["neg", "pos"], "text")[0].state_dict()
+    ddp, fsdp = (_load(runs, f"gpt2-{p}") for p in ("ddp", "fsdp"))
+    assert _load(runs, "gpt2-fsdp", 1)["history"] == fsdp["history"]
+    assert fsdp["history"] == pytest.approx(ddp["history"], rel=1e-4)
+    assert fsdp["state"].keys() == ddp["state"].keys()
+    for key, value in ddp["state"].items():
+        torch.testing.assert_close(fsdp["state"][key], value, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(fsdp["state"]["hf.score.weight"], initial["hf.score.weight"])
