@@ -180,12 +180,17 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
     ``fully_shard`` (FSDP2): each repeated block (every child of an ``nn.ModuleList`` that is
     not inside another such block) is its own FSDP unit, then the root takes what is left.
     ``model`` itself stays as it is (a plain module on its device)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # The mesh of this run's device type (the default would take CUDA whenever one is seen,
+    # also for a gloo run on the CPU).
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     sharded = copy.deepcopy(model).to(device)
     for block in repeated_blocks(sharded):
-        fully_shard(block)
-    fully_shard(sharded)
+        fully_shard(block, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
     return sharded
 
 
@@ -223,12 +228,11 @@ def same_groups(
 def full_state(sharded: nn.Module) -> dict:
     """The unsharded model state on rank 0's CPU (an empty dict on the other ranks), with
     torch's ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``; every rank must
-    call it. The tensors are copies: later steps do not change them."""
+    call it. Buffers (FSDP does not shard them) are rank 0's own tensors, not copies."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(sharded, options=options)
-    return {key: value.detach().clone() for key, value in state.items()}
+    return get_model_state_dict(sharded, options=options)
 
 
 def save_sharded(sharded: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:

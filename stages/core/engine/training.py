@@ -192,14 +192,16 @@ def _fit(
             shown.update(stats)
             stop = loop.record(stats, state_of, options.patience)
             if checkpoints is not None and not stop and checkpoints.due(epoch):
-                snapshot = _snapshot(net, optimizer, scheduler, generator, loop, world, device)
-                if fsdp:
+                sharded = None
+                if fsdp:  # every rank writes its shard; checkpoint.pt names the folder
                     from stages.core.engine.distributed import save_sharded
 
                     folder = checkpoints.sharded_folder(epoch)
                     save_sharded(net, optimizer, folder)
-                    snapshot = {k: v for k, v in snapshot.items() if k not in _SHARDED}
-                    snapshot["sharded"] = folder.name
+                    sharded = folder.name
+                snapshot = _snapshot(
+                    net, optimizer, scheduler, generator, loop, world, device, sharded
+                )
                 checkpoints.save(snapshot)
             if stop:
                 break
@@ -221,7 +223,6 @@ def _fit(
 
 
 Batches = TensorBatches | TokenBatches
-_SHARDED = ("model", "optimizer")  # the snapshot's keys that fsdp writes through DCP instead
 
 
 def _sharding(options: FitOptions, world: World) -> bool:
@@ -401,13 +402,19 @@ def _snapshot(
     loop: _LoopState,
     world: World,
     device: torch.device,
+    sharded: str | None = None,
 ) -> dict:
     """Everything an uninterrupted run would carry on with after ``loop.epoch``. Every rank
-    must call it (the RNG states are gathered); rank 0 saves it."""
+    must call it (the RNG states are gathered); rank 0 saves it. Under fsdp, ``sharded`` names
+    the folder that holds the model and optimizer state instead."""
+    weights = (
+        {"sharded": sharded}
+        if sharded is not None
+        else {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    )
     return {
         "epoch": loop.epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        **weights,
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "shuffle_rng": generator.get_state(),
         "rng": world.gather(_rng_state(device)),  # dropout and LoRA dropout draw from these
