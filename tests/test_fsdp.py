@@ -254,3 +254,15 @@ def test_a_gpt2_classifier_trains_under_fsdp_like_ddp(runs: Path, tiny_checkpoin
     for key, value in ddp["state"].items():
         torch.testing.assert_close(fsdp["state"][key], value, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(fsdp["state"]["hf.score.weight"], initial["hf.score.weight"])
+
+
+def test_fsdp_in_one_process_is_plain_training() -> None:
+    (x, y), val = make_blobs(10, seed=1), make_blobs(4, seed=2)
+    short = {**vars(OPTIONS), "epochs": 1}
+    states = []
+    for parallel in ("ddp", "fsdp"):
+        model = _model(0.0)
+        fit(model, (x, y), val, FitOptions(**{**short, "parallel": parallel}))
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not torch.equal(states[1]["head.weight"], _model(0.0).state_dict()["head.weight"])
