@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import state_copy, states_equal
+from conftest import TEST_EXPERIMENT, state_copy, states_equal
 from tiny_text import bert_tokenizer, gpt2_tokenizer, labelled_texts
 
 from stages.core.common.errors import DataError, ModelError, ParamsError
@@ -326,3 +326,76 @@ def test_params_defaults() -> None:
     config = pretraining.hf_config(scratch.model.hf, gpt2_tokenizer())
     assert (config.n_embd, config.n_layer, config.n_head, config.n_inner) == (32, 2, 2, 64)
     assert config.n_positions == 64
+
+
+def _text_project(root: Path, tokenizer: Path, kind: str) -> None:
+    """params.yaml, data/splits/ (two text domains) and models/tokenizer/ in ``root``."""
+    import shutil
+
+    import yaml
+
+    from stages.core.common.layout import TOKENIZER_DIR
+
+    params = lm_params(kind).model_dump(mode="json", by_alias=True)
+    params["tracking"]["experiment"] = TEST_EXPERIMENT
+    params["train"] |= {"epochs": 3, "device": "cpu"}
+    params["finetune"] |= {"strategy": "lora", "epochs": 2, "checkpoint_every": None}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "data/splits").mkdir(parents=True)
+    for seed, (role, part, n) in enumerate(
+        [
+            ("base", "train", 80),
+            ("base", "val", 24),
+            ("base", "test", 24),
+            ("target", "train", 40),
+            ("target", "val", 16),
+            ("target", "test", 16),
+        ]  # fmt: skip
+    ):
+        split(n, seed + 10).to_parquet(root / f"data/splits/{role}_{part}.parquet", index=False)
+    shutil.copytree(tokenizer, root / TOKENIZER_DIR)
+
+
+@pytest.mark.e2e  # about 20 s: both stages in-process, with MLflow
+def test_train_and_finetune_stages_pretrain_then_adapt(
+    tokenizers, tmp_path, capsys, mlflow_client
+) -> None:
+    """python -m stages.train and stages.finetune in-process: a GPT-2 pretrained from scratch
+    with clm -> models/base (an LM), perplexity in metrics, plots and MLflow, samples in the
+    report; then LoRA fine-tuning on it."""
+    from stages import finetune as finetune_stage
+    from stages import train as train_stage
+    from stages.core.common.cli import run_stage
+
+    _text_project(tmp_path, tokenizers["gpt2"], "gpt2")
+    run_stage("train", train_stage.main)
+    out = capsys.readouterr().out
+    assert "train: clm pretraining of gpt2" in out and "pretrained here" in out
+    metrics = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert metrics["objective"] == "clm" and metrics["epochs_run"] == 3
+    assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-4)
+    plot = pd.read_csv(tmp_path / "plots/train.csv")
+    assert list(plot.columns)[-1] == "val_perplexity" and len(plot) == 3
+    assert plot["val_perplexity"].iloc[-1] < plot["val_perplexity"].iloc[0]
+    samples = (tmp_path / "reports/samples.md").read_text()
+    assert samples.count("\n- **") == 3
+    meta = json.loads((tmp_path / "models/base/pipeline.json").read_text())
+    assert (
+        meta["format"] == "hf-causal-lm" and meta["provenance"]["pretrained"] == "pretrained here"
+    )
+    (run,) = mlflow_client.search_runs(
+        [mlflow_client.get_experiment_by_name(TEST_EXPERIMENT).experiment_id],
+        "tags.stage = 'train'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    history = mlflow_client.get_metric_history(run.info.run_id, "val_perplexity")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert not (tmp_path / ".checkpoints/train").exists()
+
+    run_stage("finetune", finetune_stage.main)
+    out = capsys.readouterr().out
+    assert "finetune: lora trained" in out and "of gpt2 on 40 rows" in out
+    tuned = json.loads((tmp_path / "models/finetuned/pipeline.json").read_text())
+    assert tuned["provenance"]["pretrained"] == "pretrained here"
+    assert tuned["format"] == "hf-sequence-classification"
