@@ -399,3 +399,67 @@ def test_train_and_finetune_stages_pretrain_then_adapt(
     tuned = json.loads((tmp_path / "models/finetuned/pipeline.json").read_text())
     assert tuned["provenance"]["pretrained"] == "pretrained here"
     assert tuned["format"] == "hf-sequence-classification"
+
+
+def _no_dropout(hf, tokenizer):
+    config = _real_hf_config(hf, tokenizer)
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        setattr(config, key, 0.0)
+    return config
+
+
+_real_hf_config = pretraining.hf_config
+
+
+def _ddp_worker(rank: int, port: int, out: str, tokenizer: str) -> None:
+    """One of two gloo ranks pretraining the same GPT-2 (dropout off, so that it can be
+    compared with one process); each saves its weights and val losses."""
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ |= {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    pretraining.hf_config = _no_dropout
+    try:
+        run = pretrain(_ddp_params(), *_ddp_data(), tokenizer_dir=Path(tokenizer))
+    finally:
+        dist.destroy_process_group()
+    torch.save(
+        {"state": state_copy(run.model), "val": [s.val_loss for s in run.result.history]},
+        Path(out) / f"rank{rank}.pt",
+    )
+
+
+def _ddp_params():
+    # Clipping makes the gradient's scale matter (AdamW alone would hide a wrong divisor).
+    return lm_params("gpt2", epochs=2, grad_accum=2, batch_size=8, grad_clip=0.1)
+
+
+def _ddp_data():
+    return [split(60, 1)], split(24, 2), [split(24, 2)]
+
+
+@pytest.mark.e2e  # two interpreters importing torch and transformers: about 10 s
+def test_ddp_with_two_gloo_processes_trains_like_one(tokenizers, tmp_path, monkeypatch) -> None:
+    """Each rank takes its share of every step's blocks, the loss divided by the step's target
+    tokens over both ranks: the ranks stay in step, and end where one process does (float
+    rounding aside)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path), str(tokenizers["gpt2"])), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["val"] == ranks[1]["val"]
+    assert states_equal(ranks[0]["state"], ranks[1]["state"])
+    monkeypatch.setattr(pretraining, "hf_config", _no_dropout)
+    single = pretrain(_ddp_params(), *_ddp_data(), tokenizer_dir=tokenizers["gpt2"])
+    for key, value in state_copy(single.model).items():
+        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-5)
+    assert ranks[0]["val"] == pytest.approx([s.val_loss for s in single.result.history], 1e-4)
