@@ -340,6 +340,9 @@ def _text_project(root: Path, tokenizer: Path, kind: str) -> None:
     params["tracking"]["experiment"] = TEST_EXPERIMENT
     params["train"] |= {"epochs": 3, "device": "cpu"}
     params["finetune"] |= {"strategy": "lora", "epochs": 2, "checkpoint_every": None}
+    params["evaluate"] |= {"draws": 1, "bootstrap_resamples": 100, "min_transfer_gain": -1.0,
+                           "min_base_accuracy": 0.0}  # fmt: skip
+    params["tracking"]["registered_model"] = "pretrained-text-classifier"
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "data/splits").mkdir(parents=True)
     for seed, (role, part, n) in enumerate(
@@ -356,13 +359,14 @@ def _text_project(root: Path, tokenizer: Path, kind: str) -> None:
     shutil.copytree(tokenizer, root / TOKENIZER_DIR)
 
 
-@pytest.mark.e2e  # about 20 s: both stages in-process, with MLflow
+@pytest.mark.e2e  # three stages in-process, with MLflow
 def test_train_and_finetune_stages_pretrain_then_adapt(
     tokenizers, tmp_path, capsys, mlflow_client
 ) -> None:
-    """python -m stages.train and stages.finetune in-process: a GPT-2 pretrained from scratch
+    """The train, finetune and evaluate stages in-process: a GPT-2 pretrained from scratch
     with clm -> models/base (an LM), perplexity in metrics, plots and MLflow, samples in the
-    report; then LoRA fine-tuning on it."""
+    report; then LoRA fine-tuning on it, and its evaluation against the baselines."""
+    from stages import evaluate as evaluate_stage
     from stages import finetune as finetune_stage
     from stages import train as train_stage
     from stages.core.common.cli import run_stage
@@ -399,6 +403,11 @@ def test_train_and_finetune_stages_pretrain_then_adapt(
     tuned = json.loads((tmp_path / "models/finetuned/pipeline.json").read_text())
     assert tuned["provenance"]["pretrained"] == "pretrained here"
     assert tuned["format"] == "hf-sequence-classification"
+
+    run_stage("evaluate", evaluate_stage.main)
+    evaluated = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    assert "base" not in evaluated and "zero_shot" not in evaluated  # the base has no head
+    assert {"finetuned", "scratch", "sklearn"} <= evaluated.keys()
 
 
 def _no_dropout(hf, tokenizer):
