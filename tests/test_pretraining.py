@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 from conftest import TEST_EXPERIMENT, state_copy, states_equal
 from tiny_text import bert_tokenizer, gpt2_tokenizer, labelled_texts
 
@@ -472,3 +478,48 @@ def test_ddp_with_two_gloo_processes_trains_like_one(tokenizers, tmp_path, monke
     for key, value in state_copy(single.model).items():
         torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-5)
     assert ranks[0]["val"] == pytest.approx([s.val_loss for s in single.result.history], 1e-4)
+
+
+def _train_process(root: Path) -> subprocess.Popen:
+    repo = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PIPELINE_TRACKING": "off", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.train"], cwd=root, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.e2e  # three processes importing torch and transformers
+def test_a_sigkilled_train_stage_resumes_to_the_same_bytes(tokenizers, tmp_path) -> None:
+    """python -m stages.train pretraining a BERT (mlm, dropout, masks from the generator),
+    SIGKILLed once a checkpoint is on disk, then run again: models/base holds the bytes of
+    an uninterrupted run's."""
+    roots = {name: tmp_path / name for name in ("whole", "killed")}
+    for root in roots.values():
+        root.mkdir()
+        _text_project(root, tokenizers["bert"], "bert")
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["train"] |= {"epochs": 12, "checkpoint_every": 1}
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        (root / "data/splits/base_train.parquet").unlink()
+        split(600, 10).to_parquet(root / "data/splits/base_train.parquet", index=False)
+    whole = _train_process(roots["whole"])
+    killed = _train_process(roots["killed"])
+    checkpoint = roots["killed"] / ".checkpoints/train/checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert killed.poll() is None, killed.stdout.read()  # still training: the kill is mid-run
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (roots["killed"] / "models/base").exists()
+    resumed = _train_process(roots["killed"])
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert "train: resuming from" in out, out
+    assert whole.communicate(timeout=300)[0] and whole.returncode == 0
+    for name in ("model.safetensors", "pipeline.json"):
+        first = (roots["whole"] / "models/base" / name).read_bytes()
+        assert first == (roots["killed"] / "models/base" / name).read_bytes(), name
+    for name in ("metrics/train.json", "plots/train.csv"):
+        assert (roots["whole"] / name).read_text() == (roots["killed"] / name).read_text()
