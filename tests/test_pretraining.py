@@ -282,13 +282,18 @@ def test_finetune_on_the_pretrained_base(kind, strategy, tokenizers, tmp_path) -
     load_text_model(tmp_path / "tuned")
 
 
-def test_continued_pretraining_keeps_the_checkpoint_s_provenance(tiny_checkpoints) -> None:
-    checkpoint = tiny_checkpoints["bert"]
-    params = lm_params("bert", pretrained=str(checkpoint), epochs=1)
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_continued_pretraining_keeps_the_checkpoint_s_provenance(kind, tiny_checkpoints) -> None:
+    """Domain-adaptive pretraining: the checkpoint with an LM head and its own tokenizer (the
+    GPT-2's, which has no pad token, pads with EOS)."""
+    checkpoint = tiny_checkpoints[kind]
+    params = lm_params(kind, pretrained=str(checkpoint), epochs=2)
     run = pretrain(params, [split(60, 1)], split(24, 2), [split(24, 2)])
     assert run.config.provenance["pretrained"] == str(checkpoint)
     assert len(run.config.provenance["sha256"]) == 64
-    assert run.config.trained_on["objective"] == "mlm"
+    assert run.config.trained_on["objective"] == OBJECTIVE[kind]
+    assert run.model.hf.config.pad_token_id == run.tokenizer.pad_token_id is not None
+    assert run.result.history[-1].val_loss < run.result.history[0].val_loss
 
 
 def test_bad_inputs_are_one_line_errors(tokenizers, tiny_checkpoints) -> None:
@@ -337,8 +342,6 @@ def test_params_defaults() -> None:
 def _text_project(root: Path, tokenizer: Path, kind: str) -> None:
     """params.yaml, data/splits/ (two text domains) and models/tokenizer/ in ``root``."""
     import shutil
-
-    import yaml
 
     from stages.core.common.layout import TOKENIZER_DIR
 
@@ -429,8 +432,6 @@ _real_hf_config = pretraining.hf_config
 def _ddp_worker(rank: int, port: int, out: str, tokenizer: str) -> None:
     """One of two gloo ranks pretraining the same GPT-2 (dropout off, so that it can be
     compared with one process); each saves its weights and val losses."""
-    import os
-
     import torch.distributed as dist
 
     torch.set_num_threads(1)
