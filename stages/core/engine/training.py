@@ -92,8 +92,9 @@ def fit(
     """Train the model's trainable parameters with Adam (or AdamW) and cross-entropy.
 
     ``train`` and ``val`` are (features, class indices) tensors or batch sources (``TokenBatches``
-    for text); the model takes a batch's inputs, a tensor or a dict of keyword arguments, and
-    returns logits.
+    for text, ``BlockBatches`` for language-model pretraining); the model takes a batch's inputs,
+    a tensor or a dict of keyword arguments, and returns logits. A source whose targets are per
+    token (``token_targets``) is trained and judged on the mean loss over its target tokens.
 
     ``param_groups`` (Adam's groups, each may set its own ``lr``) replaces the default single
     group of every parameter that requires grad. With ``patience`` set, stops when val loss has
