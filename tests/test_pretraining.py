@@ -313,9 +313,10 @@ def test_bad_inputs_are_one_line_errors(tokenizers, tiny_checkpoints) -> None:
         pretrain(lm_params("bert"), *data, tokenizer_dir=Path("/nonexistent/tokenizer"))
     with pytest.raises(ParamsError, match="train.objective: mlm needs model.arch: hf"):
         parse_params({"train": {"objective": "mlm"}})
-    with pytest.raises(ParamsError, match="model.hf.model_type"):
-        bad = lm_params("bert")
-        pretraining.hf_config(bad.model.hf.model_copy(update={"model_type": "nope"}), None)
+    unknown = lm_params("bert").model_dump(by_alias=True)
+    unknown["model"]["hf"]["model_type"] = "nope"
+    with pytest.raises(ParamsError, match="model.hf.model_type: 'nope' is not a model family"):
+        pretrain(parse_params(unknown), *data, tokenizer_dir=tokenizers["bert"])
     with pytest.raises(ParamsError, match="hidden_size 30 must be a multiple of num_heads 4"):
         parse_params({"model": {"hf": {"hidden_size": 30, "num_heads": 4}}})
     with pytest.raises(ParamsError, match="model.arch: hf needs model.pretrained"):

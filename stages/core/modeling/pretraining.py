@@ -237,10 +237,10 @@ def load_language_model(
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     if model.pretrained is None:
         tokenizer = load_tokenizer(tokenizer_dir)
-        check_objective(objective, model.hf.model_type)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token  # GPT-2's tokenizers have no pad token
-        config = hf_config(model.hf, tokenizer)
+        config = hf_config(model.hf, tokenizer)  # first: an unknown family is its own error
+        check_objective(objective, config.model_type)
         torch.manual_seed(params.train.seed)
         hf = auto.from_config(config)
         provenance = {
