@@ -141,7 +141,7 @@ def evaluate_text(params, run, base_test: pd.DataFrame, target: dict) -> None:
     run.send(evaluate_registered, test_path, [TEXT], tuned_scored.proba, classes)
     draws = compare_text_draws(base, tuned_scored, target, params)
     shots = sample_shots(target["train"], params.finetune.shots_per_class, params.finetune.seed)
-    base_trained = params.train.objective != "none"
+    base_trained = params.train.objective == "classify"  # none, mlm, clm: no trained head
     zero_shot = None
     covered = set(target["test"][LABEL]) <= set(base[2].classes)
     if base_trained and not params.data.single_domain and covered:

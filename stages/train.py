@@ -1,7 +1,10 @@
 """Stage train: the base model on the base domain -> models/base/, metrics/train.json,
-plots/train.csv. Runs on CUDA (bf16) when present, else on the CPU; with ``train.nproc`` > 1 it
-relaunches itself through torchrun and trains with DDP. A killed run resumes from its last
-checkpoint (``.checkpoints/train/``) and continues the same MLflow run."""
+plots/train.csv, reports/samples.md (a causal LM's sample continuations; otherwise a line
+saying there are none). With arch hf and train.objective mlm or clm it pretrains a language
+model on the train splits' texts instead (stages.core.modeling.pretraining). Runs on CUDA
+(bf16) when present, else on the CPU; with ``train.nproc`` > 1 it relaunches itself through
+torchrun and trains with DDP. A killed run resumes from its last checkpoint
+(``.checkpoints/train/``) and continues the same MLflow run."""
 
 from stages.core.tracking.runs import start_worker
 
@@ -18,7 +21,7 @@ import torch
 
 from stages.core.common import layout
 from stages.core.common.cli import run_as_script
-from stages.core.common.io import write_csv, write_json
+from stages.core.common.io import write_csv, write_json, write_text
 from stages.core.common.params import Params, load_params
 from stages.core.engine.checkpoints import Checkpoints, fingerprint
 from stages.core.engine.distributed import (
@@ -31,6 +34,16 @@ from stages.core.engine.distributed import (
 from stages.core.engine.training import fit, fit_options, fit_summary, history_rows
 from stages.core.modeling.architectures import count_parameters
 from stages.core.modeling.model import Classifier, base_config, encode, save_model
+from stages.core.modeling.pretraining import (
+    PRETRAINING,
+    epoch_metrics,
+    perplexity_rows,
+    pretrain,
+    pretraining_inputs,
+    pretraining_splits,
+    pretraining_summary,
+    samples_report,
+)
 from stages.core.modeling.text import save_text_model
 from stages.core.modeling.text_training import train_text
 from stages.core.tracking.registry import log_model
@@ -53,6 +66,9 @@ def train(params: Params, world: World) -> None:
     if params.model.arch == "hf":
         sections["data"]["text_column"] = params.data.text_column
     inputs = [layout.split_path("base", "train"), layout.split_path("base", "val")]
+    pretraining = params.train.objective in PRETRAINING
+    if pretraining:
+        inputs = pretraining_inputs(params)
     checkpoints = Checkpoints(
         layout.checkpoint_dir("train"),
         fingerprint(sections, inputs),
@@ -75,6 +91,10 @@ def train(params: Params, world: World) -> None:
         if run is not None:
             run.log_dataset(inputs[0], "training")
             run.log_dataset(inputs[1], "validation")
+        if pretraining:
+            return pretrain_language_model(params, run, checkpoints, started)
+        if run is not None:  # a static DVC output: says there are no samples
+            write_text(layout.SAMPLES_REPORT, samples_report([], params.train.objective))
         base_train, val = (pd.read_parquet(path) for path in inputs)
         if params.model.arch == "hf":
             return train_text_model(params, base_train, val, run, checkpoints, started)
@@ -146,6 +166,42 @@ def train_text_model(params: Params, base_train, val, run, checkpoints, started:
         f"parameters, sha256 {provenance['sha256'][:12]}), objective {params.train.objective}"
         + (f", val accuracy {summary['val_accuracy']:.3f}" if trained.result else "")
         + f", {trained.truncated} row(s) truncated to {trained.config.max_length} tokens"
+    )
+
+
+def pretrain_language_model(params: Params, run, checkpoints, started: float) -> None:
+    """arch hf, objective mlm or clm: a language model pretrained on the train splits' texts
+    (val's texts judge it) -> models/base/ (an LM checkpoint the finetune stage loads as a
+    classifier), perplexity in metrics/train.json and plots/train.csv, reports/samples.md."""
+    train_splits, val, held_out = pretraining_splits()
+
+    def on_epoch(stats) -> None:  # one MLflow call an epoch, perplexity included
+        run.log_metrics(epoch_metrics(stats), step=stats.epoch)
+
+    trained = pretrain(
+        params, train_splits, val, held_out, on_epoch if run is not None else None,
+        checkpoints=checkpoints, progress="train",
+    )  # fmt: skip
+    if run is None:
+        return
+    n_parameters = count_parameters(trained.model)
+    save_text_model(layout.BASE_MODEL, trained.model, trained.tokenizer, trained.config)
+    summary = pretraining_summary(trained) | {"parameters": n_parameters}
+    write_json(layout.TRAIN_METRICS, summary)
+    write_csv(layout.TRAIN_PLOT, pd.DataFrame(perplexity_rows(trained.result)))
+    write_text(layout.SAMPLES_REPORT, samples_report(trained.samples, params.train.objective))
+    run.log_metrics(
+        {f"best_{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+        | {"trainable_parameters": trained.result.trainable_parameters}
+        | {"wall_time_s": time.perf_counter() - started}
+    )
+    run.log_artifacts(layout.TRAIN_PLOT, layout.SAMPLES_REPORT)
+    checkpoints.clear()
+    print(
+        f"train: {params.train.objective} pretraining of {trained.config.model_type} "
+        f"({n_parameters:,} parameters, {trained.config.provenance['pretrained']}) on "
+        f"{summary['blocks']['train']} blocks of {summary['block_size']} tokens, val "
+        f"perplexity {summary['val_perplexity']} at epoch {summary['best_epoch']}"
     )
 
 

@@ -46,18 +46,19 @@ def _quiet() -> None:
     logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
 
 
-def build_bert(directory: Path) -> Path:
-    """A 2-layer, 16-wide BERT with a WordPiece tokenizer, saved into ``directory``."""
-    _quiet()
+def bert_tokenizer(corpus: list[str] | None = None, vocab_size: int = 120):
+    """A WordPiece tokenizer (BERT's special tokens) trained on ``corpus`` (default: this
+    module's texts), as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.train_from_iterator(
-        _corpus(), trainers.WordPieceTrainer(vocab_size=120, special_tokens=special)
+        corpus or _corpus(),
+        trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special),
     )
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -74,6 +75,15 @@ def build_bert(directory: Path) -> Path:
         mask_token="[MASK]",
         model_max_length=MAX_POSITIONS,
     )
+    return fast
+
+
+def build_bert(directory: Path) -> Path:
+    """A 2-layer, 16-wide BERT with a WordPiece tokenizer, saved into ``directory``."""
+    _quiet()
+    from transformers import BertConfig, BertModel
+
+    fast = bert_tokenizer()
     config = BertConfig(
         vocab_size=len(fast),
         hidden_size=16,
@@ -91,21 +101,21 @@ def build_bert(directory: Path) -> Path:
     return directory
 
 
-def build_gpt2(directory: Path) -> Path:
-    """A 2-layer, 16-wide GPT-2 with a byte-level BPE tokenizer and no pad token."""
-    _quiet()
+def gpt2_tokenizer(corpus: list[str] | None = None, vocab_size: int = 300):
+    """A byte-level BPE tokenizer (GPT-2's one special token, no pad token) trained on
+    ``corpus`` (default: this module's texts), as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300,
+        vocab_size=vocab_size,
         special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(_corpus(), trainer)
+    tokenizer.train_from_iterator(corpus or _corpus(), trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<|endoftext|>",
@@ -113,6 +123,15 @@ def build_gpt2(directory: Path) -> Path:
         unk_token="<|endoftext|>",
         model_max_length=MAX_POSITIONS,
     )
+    return fast
+
+
+def build_gpt2(directory: Path) -> Path:
+    """A 2-layer, 16-wide GPT-2 with a byte-level BPE tokenizer and no pad token."""
+    _quiet()
+    from transformers import GPT2Config, GPT2Model
+
+    fast = gpt2_tokenizer()
     eos = fast.eos_token_id
     config = GPT2Config(
         vocab_size=len(fast),

@@ -87,3 +87,11 @@ def split_path(role: str, part: str) -> Path:
 def checkpoint_dir(stage: str) -> Path:
     """``.checkpoints/<stage>``: where a stage keeps the checkpoints it may resume from."""
     return CHECKPOINTS / stage
+
+
+# The tokenizer trained on the corpus (a Hugging Face tokenizer saved with save_pretrained):
+# what arch hf pretrains with from scratch (model.pretrained: null).
+TOKENIZER_DIR = Path("models/tokenizer")
+
+
+SAMPLES_REPORT = Path("reports/samples.md")  # a causal LM's sample continuations (train)

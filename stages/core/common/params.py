@@ -196,6 +196,27 @@ class TransformerParams(_Section):
         return self
 
 
+class HfParams(_Section):
+    """arch hf from scratch (``model.pretrained: null``, ``train.objective`` mlm or clm): the
+    architecture, in our names, which ``stages.core.modeling.pretraining`` maps onto the
+    family's config (BERT's ``num_hidden_layers``, GPT-2's ``n_layer`` ...)."""
+
+    model_type: str = Field("bert", min_length=1)  # bert | gpt2 | any family AutoConfig knows
+    hidden_size: int = Field(64, ge=1)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=1)  # feed-forward width
+    max_positions: int = Field(128, ge=2)  # position embeddings: the longest block
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> HfParams:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads}"
+            )
+        return self
+
+
 class ModelParams(_Section):
     arch: Literal["mlp", "cnn", "transformer", "hf"] = "mlp"
     scaling: Literal["global", "per_feature"] = "global"
@@ -209,6 +230,7 @@ class ModelParams(_Section):
     max_length: int | None = Field(None, ge=2)  # tokens; None = the model's positions, <= 512
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    hf: HfParams = Field(default_factory=HfParams)
 
     @field_validator("hidden")
     @classmethod
@@ -221,14 +243,20 @@ class ModelParams(_Section):
         """The chosen arch's own hyperparameters (model.cnn / model.transformer); none for mlp."""
         if self.arch == "hf":
             keys = ("pretrained", "revision", "max_length", "trust_remote_code")
-            return {key: getattr(self, key) for key in keys}
+            options = {key: getattr(self, key) for key in keys}
+            if self.pretrained is None:  # from scratch: the architecture is in params
+                options["hf"] = self.hf.model_dump(mode="json")
+            return options
         return {} if self.arch == "mlp" else getattr(self, self.arch).model_dump(mode="json")
 
 
 class TrainParams(_Section):
     # arch hf: classify fine-tunes the checkpoint on the base domain's labels; none takes it
-    # into models/base as it is.
-    objective: Literal["classify", "none"] = "classify"
+    # into models/base as it is; mlm / clm pretrain a language model (masked, causal) on texts.
+    objective: Literal["classify", "none", "mlm", "clm"] = "classify"
+    mlm_probability: float = Field(0.15, gt=0, lt=1)  # mlm: share of tokens chosen as targets
+    block_size: int | None = Field(None, ge=2)  # mlm/clm: tokens a block; None = positions, <= 512
+    pack: bool = True  # mlm/clm: concatenate texts into blocks; false: a block stays in one text
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.001, gt=0)
@@ -341,9 +369,11 @@ class Params(_Section):
             raise ValueError(
                 "model.arch: cnn needs data.image_shape ([H, W] or [C, H, W]), which is null"
             )
-        if model.arch == "hf" and model.pretrained is None:
+        pretraining = self.train.objective in ("mlm", "clm")
+        if model.arch == "hf" and model.pretrained is None and not pretraining:
             raise ValueError(
-                "model.arch: hf needs model.pretrained (a checkpoint folder or a hub id)"
+                "model.arch: hf needs model.pretrained (a checkpoint folder or a hub id), or "
+                "train.objective mlm or clm to pretrain model.hf's architecture from scratch"
             )
         if model.arch != "hf" and model.pretrained is not None:
             raise ValueError(f"model.pretrained applies to arch hf only (arch is {model.arch})")

@@ -23,7 +23,7 @@ from torch import nn
 
 from stages.core.common.errors import TrainingError
 from stages.core.common.numbers import rounded
-from stages.core.engine.batches import TensorBatches, TokenBatches
+from stages.core.engine.batches import IGNORE_INDEX, BlockBatches, TensorBatches, TokenBatches
 from stages.core.engine.checkpoints import Checkpoints
 from stages.core.engine.devices import resolve_device, resolve_precision
 from stages.core.engine.distributed import World, agree, current_world
@@ -95,8 +95,9 @@ def fit(
     """Train the model's trainable parameters with Adam (or AdamW) and cross-entropy.
 
     ``train`` and ``val`` are (features, class indices) tensors or batch sources (``TokenBatches``
-    for text); the model takes a batch's inputs, a tensor or a dict of keyword arguments, and
-    returns logits.
+    for text, ``BlockBatches`` for language-model pretraining); the model takes a batch's inputs,
+    a tensor or a dict of keyword arguments, and returns logits. A source whose targets are per
+    token (``token_targets``) is trained and judged on the mean loss over its target tokens.
 
     ``param_groups`` (Adam's groups, each may set its own ``lr``) replaces the default single
     group of every parameter that requires grad. With ``patience`` set, stops when val loss has
@@ -173,13 +174,13 @@ def _fit(
     with EpochProgress(progress if world.is_main else None, options.epochs, loop.epoch) as shown:
         for epoch in range(loop.epoch + 1, options.epochs + 1):
             net.train()
-            train_sum = _train_epoch(
+            train_sum, counted = _train_epoch(
                 step_model, optimizer, scheduler, train_data, generator, options, world,
                 autocast_dtype, trained,
             )  # fmt: skip
             val_loss, val_accuracy = _val_loss(net, val_data, options, autocast_dtype)
             total, val_loss, val_accuracy = agree(world, train_sum, val_loss, val_accuracy)
-            stats = EpochStats(epoch, total / len(train_data), val_loss, val_accuracy)
+            stats = EpochStats(epoch, total / counted, val_loss, val_accuracy)
             if not loop.history and not math.isfinite(val_loss):
                 raise TrainingError(
                     f"val loss is {val_loss} after epoch 1 (train loss {stats.train_loss:.4g}): "
@@ -222,7 +223,7 @@ def _fit(
     return FitResult(loop.history, loop.best_epoch, stopped_early, sum(p.numel() for p in trained))
 
 
-Batches = TensorBatches | TokenBatches
+Batches = TensorBatches | TokenBatches | BlockBatches
 
 
 def _sharding(options: FitOptions, world: World) -> bool:
@@ -245,7 +246,22 @@ def _full_state_of(net: nn.Module) -> Callable[[], dict]:
 
 def as_batches(data: tuple[torch.Tensor, torch.Tensor] | Batches) -> Batches:
     """A batch source as it is; (features, class indices) tensors as ``TensorBatches``."""
-    return data if isinstance(data, (TensorBatches, TokenBatches)) else TensorBatches(*data)
+    sources = (TensorBatches, TokenBatches, BlockBatches)
+    return data if isinstance(data, sources) else TensorBatches(*data)
+
+
+def token_targets(data: Batches) -> bool:
+    """True when the source's targets are per token (``labelled`` gives a step's inputs and
+    targets, ``IGNORE_INDEX`` where none): the loss is then the mean over target tokens."""
+    return getattr(data, "token_targets", False)
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over the target tokens of a batch (logits: rows x positions x
+    classes), in float32."""
+    return nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def _optimizer(
@@ -338,8 +354,10 @@ def _train_epoch(
     world: World,
     autocast_dtype: torch.dtype | None,
     trained: list[nn.Parameter],
-) -> torch.Tensor:
-    """One pass over the shuffled rows; returns this rank's sum of per-row train losses.
+) -> tuple[torch.Tensor, int]:
+    """One pass over the shuffled rows; returns this rank's sum of per-row train losses and
+    what it averages over: the rows (of every rank), or for per-token targets the target
+    tokens of every rank (see ``_train_token_epoch``).
 
     Every rank draws the same permutation. An optimizer step takes ``batch_size x grad_accum``
     rows as ``grad_accum`` batches; under DDP each rank takes every ``size``-th row of each batch.
@@ -348,13 +366,17 @@ def _train_epoch(
     DDP's all-reduce does, so the same scaling holds; its ``set_requires_gradient_sync`` is
     DDP's ``no_sync``.
     """
+    if token_targets(data):
+        return _train_token_epoch(
+            step_model, optimizer, scheduler, data, generator, options, world, autocast_dtype,
+            trained,
+        )  # fmt: skip
     y = data.targets
     device = y.device
     order = data.order(generator, options.batch_size).to(device)
     total = torch.zeros((), device=device)
     step_rows = options.batch_size * options.grad_accum
     plain = world.size == 1 and options.grad_accum == 1
-    sharded = hasattr(step_model, "set_requires_gradient_sync")  # an FSDPModule
     for start in range(0, len(data), step_rows):
         step = order[start : start + step_rows]
         optimizer.zero_grad(set_to_none=True)
@@ -362,11 +384,7 @@ def _train_epoch(
         for i, idx in enumerate(batches):
             if world.size > 1:
                 idx = idx[world.rank :: world.size]
-            # Under DDP, gradients are averaged across ranks once per step, on the last batch.
-            syncing = world.size == 1 or i == len(batches) - 1
-            if sharded:
-                step_model.set_requires_gradient_sync(syncing)
-            with contextlib.nullcontext() if syncing or sharded else step_model.no_sync():
+            with _gradient_sync(step_model, world.size == 1 or i == len(batches) - 1):
                 with _autocast(device, autocast_dtype):
                     logits = call(step_model, data.inputs(idx))
                     if plain:  # the common case, kept exactly as the bare loop computes it
@@ -384,7 +402,63 @@ def _train_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-    return total
+    return total, len(data)
+
+
+def _gradient_sync(step_model: nn.Module, syncing: bool):
+    """The context of one batch's backward: under DDP, gradients are averaged across ranks once
+    per step, on its last batch (``no_sync`` before it); FSDP's ``set_requires_gradient_sync``
+    is DDP's ``no_sync``; one process needs neither."""
+    if hasattr(step_model, "set_requires_gradient_sync"):  # an FSDPModule
+        step_model.set_requires_gradient_sync(syncing)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if syncing else step_model.no_sync()
+
+
+def _train_token_epoch(
+    step_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    data: BlockBatches,
+    generator: torch.Generator,
+    options: FitOptions,
+    world: World,
+    autocast_dtype: torch.dtype | None,
+    trained: list[nn.Parameter],
+) -> tuple[torch.Tensor, int]:
+    """``_train_epoch`` for per-token targets. Each step's targets (an MLM's masks) are drawn
+    for the whole step from the loop's generator, identically on every rank, so every rank
+    knows the step's target-token count without a collective: each piece's summed loss is
+    divided by it (times the ranks, which DDP divides by), and the step's gradient is the mean
+    over its target tokens, as on one process."""
+    device = data.targets.device
+    order = data.order(generator, options.batch_size).to(device)
+    total = torch.zeros((), device=device)
+    counted = 0
+    step_rows = options.batch_size * options.grad_accum
+    for start in range(0, len(data), step_rows):
+        step = order[start : start + step_rows]
+        inputs, targets = data.labelled(step, generator)
+        n_targets = int((targets != IGNORE_INDEX).sum())
+        counted += n_targets
+        optimizer.zero_grad(set_to_none=True)
+        pieces = torch.arange(len(step), device=device).split(options.batch_size)
+        for i, rows in enumerate(pieces):
+            if world.size > 1:
+                rows = rows[world.rank :: world.size]
+            with _gradient_sync(step_model, world.size == 1 or i == len(pieces) - 1):
+                with _autocast(device, autocast_dtype):
+                    logits = call(step_model, {k: v[rows] for k, v in inputs.items()})
+                    loss_sum = token_loss_sum(logits, targets[rows])
+                total += loss_sum.detach()
+                loss = loss_sum * (world.size / max(n_targets, 1))
+                loss.backward()
+        if options.grad_clip is not None:
+            nn.utils.clip_grad_norm_(trained, options.grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    return total, max(counted, 1)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -464,6 +538,9 @@ def _val_loss(
 ) -> tuple[float, float]:
     if isinstance(data, TensorBatches):  # one batch of every row, as the loop always did
         return evaluate_loss(model, data.x, data.y, autocast_dtype)
+    if token_targets(data):
+        return token_val_loss(model, data, options.eval_batch_size or options.batch_size,
+                              autocast_dtype)  # fmt: skip
     logits = batched_logits(
         model, data, options.eval_batch_size or options.batch_size, autocast_dtype
     )
@@ -488,6 +565,34 @@ def batched_logits(
             pieces.append(call(model, data.inputs(idx)).float())
     logits = torch.cat(pieces)
     return logits[torch.argsort(order)]
+
+
+# The validation masks of an MLM: drawn from this seed at every evaluation, so that every
+# epoch is judged on the same masked tokens.
+VAL_MASK_SEED = 0
+
+
+@torch.no_grad()
+def token_val_loss(
+    model: nn.Module, data: BlockBatches, batch_size: int, autocast_dtype: torch.dtype | None
+) -> tuple[float, float]:
+    """Mean cross-entropy over the target tokens of ``data`` (every block, in eval mode) and
+    the share of them the model predicts (masked-token or next-token accuracy)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(VAL_MASK_SEED)
+    loss = torch.zeros((), dtype=torch.float64)
+    hits, counted = 0, 0
+    for idx in data.eval_order().to(data.ids.device).split(batch_size):
+        inputs, targets = data.labelled(idx, generator)
+        with _autocast(data.ids.device, autocast_dtype):
+            logits = call(model, inputs)
+        loss += token_loss_sum(logits, targets).double().cpu()
+        kept = targets != IGNORE_INDEX
+        hits += int((logits.argmax(-1)[kept] == targets[kept]).sum())
+        counted += int(kept.sum())
+    if counted == 0:
+        return math.nan, math.nan
+    return float(loss / counted), hits / counted
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -43,6 +43,8 @@ TEXT_META = "pipeline.json"  # beside HF's own config.json, which must keep its 
 ADAPTER_DIR = "adapter"  # peft's adapter_config.json and adapter_model.safetensors (head included)
 FORMS = ("merged", "adapter", "both")
 WEIGHTS_FILE = "model.safetensors"
+CLASSIFIER_FORMAT = "hf-sequence-classification"
+LOAD_SEED = 0  # draws the weights a loaded checkpoint lacks (see load_text_model)
 DEFAULT_MAX_LENGTH = 512  # model.max_length null: the model's positions, at most this
 # Position embeddings these model types reserve for the padding offset (RoBERTa's ids start
 # after padding_idx): their usable length is max_position_embeddings minus this.
@@ -80,7 +82,7 @@ class TextModelConfig:
     # The LoRA adapter kept beside (or instead of) the merged weights, in ADAPTER_DIR: the base
     # checkpoint it adapts (folder), that folder's weights' sha256 and the adapter's own.
     adapter: dict = field(default_factory=dict)
-    format: str = "hf-sequence-classification"
+    format: str = "hf-sequence-classification"  # CLASSIFIER_FORMAT; a pretrained LM's differs
 
     def replace(self, **changes: Any) -> TextModelConfig:
         return TextModelConfig(**(asdict(self) | changes))
@@ -294,6 +296,8 @@ def with_new_head(
     torch.manual_seed(seed)
     fresh = AutoModelForSequenceClassification.from_config(hf_config)
     head = head_modules(fresh)
+    # A pretrained LM's metadata (format hf-masked-lm / hf-causal-lm) becomes a classifier's.
+    config = config.replace(format=CLASSIFIER_FORMAT)
     body = {
         key: value for key, value in model.hf.state_dict().items() if key.split(".")[0] not in head
     }
@@ -498,7 +502,11 @@ def load_text_model(
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        hf = AutoModelForSequenceClassification.from_pretrained(directory)
+        # Weights the checkpoint lacks (a pretrained LM's BERT pooler) are drawn from a fixed
+        # seed, so that every load of it is the same model; the caller's RNG is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(LOAD_SEED)
+            hf = AutoModelForSequenceClassification.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{directory}: cannot load the checkpoint ({one_line(exc)})") from None
     return TextClassifier(hf), tokenizer, config
