@@ -130,19 +130,24 @@ def _ddp_worker(rank: int, port: int, out: str, tokenizer: str) -> None:
     os.environ |= {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
     dist.init_process_group("gloo", rank=rank, world_size=2)
     pretraining.hf_config = _no_dropout
-    try:
-        run = pretrain(_ddp_params(), *_ddp_data(), tokenizer_dir=Path(tokenizer))
+    runs = {}
+    try:  # the same spawn pretrains under ddp, then under fsdp (two interpreters, not four)
+        for parallel in ("ddp", "fsdp"):
+            runs[parallel] = pretrain(
+                _ddp_params(parallel), *_ddp_data(), tokenizer_dir=Path(tokenizer)
+            )
     finally:
         dist.destroy_process_group()
-    torch.save(
-        {"state": state_copy(run.model), "val": [s.val_loss for s in run.result.history]},
-        Path(out) / f"rank{rank}.pt",
-    )
+    for parallel, run in runs.items():
+        torch.save(
+            {"state": state_copy(run.model), "val": [s.val_loss for s in run.result.history]},
+            Path(out) / f"{parallel}-rank{rank}.pt",
+        )
 
 
-def _ddp_params():
+def _ddp_params(parallel: str = "ddp"):
     # Clipping makes the gradient's scale matter (AdamW alone would hide a wrong divisor).
-    return lm_params("gpt2", epochs=2, grad_accum=2, batch_size=8, grad_clip=0.1)
+    return lm_params("gpt2", epochs=2, grad_accum=2, batch_size=8, grad_clip=0.1, parallel=parallel)
 
 
 def _ddp_data():
@@ -150,8 +155,10 @@ def _ddp_data():
 
 
 # Two interpreters importing torch and transformers: about 30 s on this busy CPU.
-def test_ddp_with_two_gloo_processes_trains_like_one(tokenizers, tmp_path, monkeypatch) -> None:
-    """Each rank takes its share of every step's blocks, the loss divided by the step's target
+def test_ddp_and_fsdp_with_two_gloo_processes_train_like_one(
+    tokenizers, tmp_path, monkeypatch
+) -> None:
+    """Under ddp and under fsdp, each rank takes its share of every step's blocks, the loss divided by the step's target
     tokens over both ranks: the ranks stay in step, and end where one process does (float
     rounding aside)."""
     import socket
@@ -162,14 +169,22 @@ def test_ddp_with_two_gloo_processes_trains_like_one(tokenizers, tmp_path, monke
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_ddp_worker, args=(port, str(tmp_path), str(tokenizers["gpt2"])), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"ddp-rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["val"] == ranks[1]["val"]
     assert states_equal(ranks[0]["state"], ranks[1]["state"])
     monkeypatch.setattr(pretraining, "hf_config", _no_dropout)
     single = pretrain(_ddp_params(), *_ddp_data(), tokenizer_dir=tokenizers["gpt2"])
+    single_val = [s.val_loss for s in single.result.history]
     for key, value in state_copy(single.model).items():
         torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-5)
-    assert ranks[0]["val"] == pytest.approx([s.val_loss for s in single.result.history], 1e-4)
+    assert ranks[0]["val"] == pytest.approx(single_val, 1e-4)
+    # FSDP's shards: both ranks saw the same val losses; rank 0 holds the full final weights.
+    sharded = [torch.load(tmp_path / f"fsdp-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert sharded[0]["val"] == sharded[1]["val"] == pytest.approx(single_val, 1e-4)
+    for key, value in state_copy(single.model).items():
+        torch.testing.assert_close(sharded[0]["state"][key], value, rtol=1e-4, atol=1e-5)
+    # ...and only rank 0 (fit trains a sharded copy and gathers it there): proof it sharded.
+    assert not states_equal(sharded[0]["state"], sharded[1]["state"])
 
 
 def _train_process(root: Path) -> subprocess.Popen:
