@@ -127,3 +127,44 @@ def test_transfer_benchmark_reproduces_the_pipeline_figures(pristine_repo, pipel
     assert row["base"] == metrics["base"]["accuracy"]
     assert row["zero_shot"] == metrics["zero_shot"]["accuracy"]
     assert {k: row[k] for k in metrics["transfer"]} == metrics["transfer"]
+
+
+def test_pretraining_benchmark_in_cpu_mode() -> None:
+    """benchmarks.pretrain's CPU mode: our loop and transformers.Trainer pretrain the same GPT-2
+    on the same blocks; the ratio, the FLOPs per token (PaLM's 6N + 12 L d T) and the table
+    say what the JSON says."""
+    command = [sys.executable, "-m", "benchmarks.pretrain", "--cpu", "--rows", "32",
+               "--repeats", "1"]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert (summary["device"], summary["precision"], summary["peak_bf16_tflops"]) == (
+        "cpu",
+        "fp32",
+        None,
+    )
+    assert (summary["rows"], summary["block"], summary["vocab"], summary["batch"]) == (
+        32,
+        64,
+        512,
+        8,
+    )
+    (result,) = summary["results"]
+    assert result["model"] == "gpt2 w64 l2 h2"
+    # GPT-2 of width 64, 2 layers, 512 tokens, 64 positions (the output embedding is tied)
+    embeddings = 512 * 64 + 64 * 64
+    layer = 2 * 2 * 64 + (64 * 192 + 192) + (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64)
+    assert result["parameters"] == embeddings + 2 * layer + 2 * 64
+    assert result["train_flops_per_token"] == 6 * result["parameters"] + 12 * 2 * 64 * 64
+    assert result["ratio"] == pytest.approx(
+        result["tokens_per_s"] / result["trainer_tokens_per_s"], abs=2e-3
+    )
+    assert result["mfu"] is None
+    assert lines[1].startswith("| model | parameters | fit() tokens/s | Trainer tokens/s | ratio")
+    row = f"| gpt2 w64 l2 h2 | {result['parameters']:,} | {result['tokens_per_s']:,.0f} | "
+    assert sum(line.startswith(row) for line in lines) == 1
+    assert len(lines) == 3 + 1 + 1  # header, one row, JSON: Trainer printed nothing of its own
