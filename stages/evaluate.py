@@ -27,6 +27,7 @@ from stages.core.evaluation.report import render_report
 from stages.core.evaluation.results import evaluation_metrics, plot_files
 from stages.core.evaluation.scoring import predictions, score_model
 from stages.core.evaluation.text_scoring import (
+    checkpoint_draws,
     compare_text_draws,
     confident_mistakes,
     score_text_model,
@@ -146,6 +147,9 @@ def evaluate_text(params, run, base_test: pd.DataFrame, target: dict) -> None:
     covered = set(target["test"][LABEL]) <= set(base[2].classes)
     if base_trained and not params.data.single_domain and covered:
         zero_shot = score_text_model(*base, target["test"]).pairs
+    # Domain-adaptive pretraining of a downloaded checkpoint: did it help? The checkpoint as
+    # it was, fine-tuned on the same shots, is the control.
+    adapted = params.train.objective in ("mlm", "clm") and params.model.pretrained is not None
     metrics = evaluation_metrics(
         base=score_text_model(*base, base_test) if base_trained else None,
         finetuned=tuned_scored,
@@ -153,6 +157,7 @@ def evaluate_text(params, run, base_test: pd.DataFrame, target: dict) -> None:
         sklearn=tfidf_baseline(shots, target["test"]),
         zero_shot=zero_shot,
         params=params.evaluate,
+        checkpoint=checkpoint_draws(tuned_config, target, params) if adapted else None,
     )
     mistakes = confident_mistakes(tuned_scored, target["test"][TEXT].tolist())
     metrics["truncated_rows"] = tokenize_rows(tokenizer, target["test"], tuned_config).truncated

@@ -335,3 +335,74 @@ def test_params_defaults() -> None:
     config = pretraining.hf_config(scratch.model.hf, gpt2_tokenizer())
     assert (config.n_embd, config.n_layer, config.n_head, config.n_inner) == (32, 2, 2, 64)
     assert config.n_positions == 64
+
+
+def test_evaluate_compares_with_the_checkpoint_before_pretraining(tiny_checkpoints) -> None:
+    """Domain-adaptive pretraining's control: the downloaded checkpoint as it was, fine-tuned
+    on each draw's shots and seed; evaluate.json gets its block and the gain over it, and the
+    report says whether pretraining here helped."""
+    from stages.core.evaluation.baselines import Draw
+    from stages.core.evaluation.metrics import scores
+    from stages.core.evaluation.report import _adaptive_lines, _models_table
+    from stages.core.evaluation.results import evaluation_metrics
+    from stages.core.evaluation.scoring import Scored
+    from stages.core.evaluation.text_scoring import checkpoint_draws, score_text_model
+    from stages.core.modeling.finetuning import sample_shots
+    from stages.core.modeling.text import load_pretrained
+
+    params = lm_params("bert", pretrained=str(tiny_checkpoints["bert"]), epochs=1)
+    params = params.model_copy(
+        update={
+            "evaluate": params.evaluate.model_copy(update={"draws": 2, "bootstrap_resamples": 50}),
+            "finetune": params.finetune.model_copy(update={"shots_per_class": 6, "epochs": 2}),
+        }
+    )
+    target = {"train": split(40, 3), "val": split(16, 4), "test": split(20, 5)}
+    checkpoint = load_pretrained(params.model, ["neg", "pos"], TEXT)
+    draws = checkpoint_draws(checkpoint[2], target, params)
+    assert len(draws) == 2
+    # Draw 1 is the checkpoint itself fine-tuned on draw 1's shots with seed finetune.seed + 1.
+    seed = params.finetune.seed + 1
+    shots = sample_shots(target["train"], 6, seed)
+    run = finetune_text(*checkpoint, shots, target["val"], params, seed)
+    expected = score_text_model(run.model, checkpoint[1], run.config, target["test"]).pairs
+    pd.testing.assert_frame_equal(draws[1], expected)
+    assert draws[0]["actual"].tolist() == target["test"][LABEL].tolist()
+
+    # The fine-tuned model here: every row right on draw 0, every row wrong on draw 1.
+    right = pd.DataFrame({"actual": draws[0]["actual"], "predicted": draws[0]["actual"]})
+    wrong = right.assign(predicted=["pos" if a == "neg" else "neg"
+                                    for a in right["actual"]])  # fmt: skip
+    proba = torch.nn.functional.one_hot(
+        torch.tensor([["neg", "pos"].index(a) for a in right["actual"]]), 2
+    ).double().numpy()  # fmt: skip
+    metrics = evaluation_metrics(
+        base=None,
+        finetuned=Scored(pairs=right, proba=proba, classes=["neg", "pos"]),
+        draws=[
+            Draw(seed=5, finetuned=right, scratch=wrong),
+            Draw(seed=6, finetuned=wrong, scratch=wrong),
+        ],  # fmt: skip
+        sklearn=wrong,
+        zero_shot=None,
+        params=params.evaluate,
+        checkpoint=draws,
+    )
+    checkpoint_accuracy = [scores(pairs)["accuracy"] for pairs in draws]
+    adaptive = metrics["adaptive_pretraining"]
+    assert adaptive["finetuned_mean"] == 0.5
+    assert adaptive["checkpoint_mean"] == pytest.approx(sum(checkpoint_accuracy) / 2, abs=1e-6)
+    assert adaptive["gain_mean"] == pytest.approx(0.5 - sum(checkpoint_accuracy) / 2, abs=1e-6)
+    assert metrics["checkpoint"]["accuracy"] == pytest.approx(checkpoint_accuracy[0], abs=1e-6)
+    lines = _adaptive_lines(metrics)
+    assert "Pretraining the checkpoint on this corpus first" in lines[1]
+    assert "over 2 draws" in lines[1]
+    table = _models_table(metrics, 6, text=True)
+    assert (
+        sum(line.startswith("| checkpoint | the checkpoint before pretraining") for line in table)
+        == 1
+    )
+    # Without the control (no checkpoint pretrained here) there is no such row or sentence.
+    del metrics["checkpoint"], metrics["adaptive_pretraining"]
+    assert not _adaptive_lines(metrics)
+    assert not any(line.startswith("| checkpoint |") for line in _models_table(metrics, 6, True))

@@ -104,15 +104,19 @@ def draw_accuracies(draws: list[Draw]) -> tuple[list[float], list[float]]:
     return finetuned, [scores(d.scratch)["accuracy"] for d in draws]
 
 
-def summarize_draws(finetuned: list[float], scratch: list[float]) -> dict:
+def summarize_draws(
+    finetuned: list[float], scratch: list[float], baseline: str = "scratch"
+) -> dict:
     """Transfer gain (fine-tuned minus scratch accuracy) over the draws: the means, the worst
-    draw, and a 95% t-interval for the mean gain (null with a single draw)."""
+    draw, and a 95% t-interval for the mean gain (null with a single draw). ``baseline`` names
+    the other model's mean (``scratch_mean``; ``checkpoint_mean`` for the checkpoint before
+    this run's pretraining)."""
     gains = [f - s for f, s in zip(finetuned, scratch, strict=True)]
     low, high = mean_interval(gains)
     return {
         "draws": len(gains),
         "finetuned_mean": round(sum(finetuned) / len(gains), 6),
-        "scratch_mean": round(sum(scratch) / len(gains), 6),
+        f"{baseline}_mean": round(sum(scratch) / len(gains), 6),
         "gain_mean": round(sum(gains) / len(gains), 6),
         "gain_min": round(min(gains), 6),
         "gain_ci95_low": low,

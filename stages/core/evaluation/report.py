@@ -32,6 +32,11 @@ def _models_table(metrics: Mapping, shots: int | str, text: bool = False) -> lis
         ("finetuned", f"fine-tuned on {shots} shots/class", "target-domain test"),
         ("scratch", f"same net from scratch on the {shots} shots", "target-domain test"),
         ("sklearn", f"{classical} on the same shots", "target-domain test"),
+        (
+            "checkpoint",
+            "the checkpoint before pretraining here, fine-tuned on the same shots",
+            "target-domain test",
+        ),
     ]
     lines = [
         "| model | trained as | scored on | accuracy [95% CI] | recall, macro [95% CI] "
@@ -39,6 +44,8 @@ def _models_table(metrics: Mapping, shots: int | str, text: bool = False) -> lis
         "|---|---|---|---|---|---|",
     ]
     for key, what, where in rows:
+        if key == "checkpoint" and key not in metrics:
+            continue  # only domain-adaptive pretraining has this control
         block = metrics.get(key, {})
         cells = [_with_interval(block, name) for name in ("accuracy", "recall_macro", "f1_macro")]
         lines.append(f"| {key} | {what} | {where} | {' | '.join(cells)} |")
@@ -85,6 +92,29 @@ def _transfer_lines(metrics: Mapping, params: Params) -> list[str]:
         f"| {_number(metrics['transfer_gain'], True)} |",
         f"| mean over {transfer['draws']} draws | {_number(transfer['finetuned_mean'])} "
         f"| {_number(transfer['scratch_mean'])} | {_number(transfer['gain_mean'], True)} |",
+    ]
+
+
+def _adaptive_lines(metrics: Mapping) -> list[str]:
+    """Whether this run's pretraining of a downloaded checkpoint helped the task, over the
+    draws (none without ``adaptive_pretraining``)."""
+    if "adaptive_pretraining" not in metrics:
+        return []
+    adaptive = metrics["adaptive_pretraining"]
+    interval = (
+        "no interval with a single draw"
+        if adaptive["gain_ci95_low"] is None
+        else f"95% t-interval {_number(adaptive['gain_ci95_low'], True)} to "
+        f"{_number(adaptive['gain_ci95_high'], True)}"
+    )
+    verb = "beats" if adaptive["gain_mean"] >= 0 else "trails"
+    return [
+        "",
+        f"Pretraining the checkpoint on this corpus first {verb} fine-tuning the checkpoint as "
+        f"it was by **{_number(adaptive['gain_mean'], True)}** accuracy, averaged over "
+        f"{adaptive['draws']} draws of the same shots ({interval}; worst draw "
+        f"{_number(adaptive['gain_min'], True)}; means {_number(adaptive['finetuned_mean'])} "
+        f"against {_number(adaptive['checkpoint_mean'])}).",
     ]
 
 
@@ -178,6 +208,7 @@ def render_report(
         "## Transfer",
         "",
         *_transfer_lines(metrics, params),
+        *_adaptive_lines(metrics),
         "",
         "## Worst classes",
         "",

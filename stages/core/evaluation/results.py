@@ -25,6 +25,7 @@ def evaluation_metrics(
     sklearn: pd.DataFrame,
     zero_shot: pd.DataFrame | None,
     params: EvaluateParams,
+    checkpoint: list[pd.DataFrame] | None = None,
 ) -> dict:
     """The content of metrics/evaluate.json: one block per model, the transfer gain on the
     shipped draw and its summary over all draws.
@@ -33,7 +34,9 @@ def evaluation_metrics(
     f1_macro (seeded, the same resamples for models scored on the same rows); ``base`` and
     ``finetuned`` add the per-class and probability figures of :func:`detailed_scores`.
     ``base`` None (a text base model with an untrained head, ``train.objective: none``) leaves
-    the base block out.
+    the base block out. ``checkpoint`` (a downloaded checkpoint's predictions over the same
+    draws, fine-tuned without this run's pretraining) adds its block and
+    ``adaptive_pretraining``: the fine-tuned model's gain over it, summarised like ``transfer``.
     """
 
     def block(pairs: pd.DataFrame) -> dict:
@@ -55,6 +58,12 @@ def evaluation_metrics(
     }
     if zero_shot is not None:
         metrics["zero_shot"] = block(zero_shot)
+    if checkpoint is not None:
+        checkpoint_accuracy = [scores(pairs)["accuracy"] for pairs in checkpoint]
+        metrics["checkpoint"] = block(checkpoint[0])
+        metrics["adaptive_pretraining"] = summarize_draws(
+            finetuned_accuracy, checkpoint_accuracy, "checkpoint"
+        )
     return metrics
 
 

@@ -77,6 +77,23 @@ def compare_text_draws(
     return draws
 
 
+def checkpoint_draws(
+    config: text.TextModelConfig, target: dict[str, pd.DataFrame], params: Params
+) -> list[pd.DataFrame]:
+    """Domain-adaptive pretraining's control: ``model.pretrained`` as it was downloaded, before
+    this run's pretraining (``train.objective`` mlm or clm), fine-tuned with the same strategy
+    on the same shots and seeds as each of ``compare_text_draws``' draws; its test
+    predictions, one frame a draw."""
+    checkpoint = text.load_pretrained(params.model, config.classes, config.text_column)
+    draws = []
+    for i in range(params.evaluate.draws):
+        seed = params.finetune.seed + i
+        shots = sample_shots(target["train"], params.finetune.shots_per_class, seed)
+        run = finetune_text(*checkpoint, shots, target["val"], params, seed)
+        draws.append(score_text_model(run.model, checkpoint[1], run.config, target["test"]).pairs)
+    return draws
+
+
 def confident_mistakes(scored: Scored, texts: list[str], shown: int = MISTAKES_SHOWN) -> list[dict]:
     """The ``shown`` wrong predictions the model was surest of: text (shortened), true label,
     predicted label and the predicted label's probability, most confident first."""
