@@ -185,6 +185,10 @@ PROJECT_FILES += [".dvc/config", ".dvc/plots", ".gitignore"]
 # holds locks and queue state: a copy never writes into the original.
 NOT_COPIED = ("mlflow.db", ".mlflow.db.lock", "mlartifacts", "tmp", "__pycache__")
 GIT_ID = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+# For experiments on ``pristine_repo`` whose tests check what reran and what was tracked, not
+# the transfer intervals: two shot draws (not five; each is a fine-tune and a scratch fit) and
+# 200 bootstrap resamples (not 2000). evaluate reruns in those experiments anyway.
+LEAN_EVALUATE = ["-S", "evaluate.draws=2", "-S", "evaluate.bootstrap_resamples=200"]
 COMMAND_TIMEOUT = 600  # seconds; a hung `dvc` fails its test instead of waiting for CI's limit
 
 
@@ -328,8 +332,9 @@ def pipeline_repo(pristine_repo: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def finetune_experiment(pristine_repo: Path, pipeline_env: dict, tmp_path_factory):
-    """``dvc exp run -S finetune.lr=0.005`` on a copy of ``pristine_repo``, shared by the tests
-    that read what it did (the repo, the output, the metrics before): they must not change it."""
+    """``dvc exp run -S finetune.lr=0.005`` (with ``LEAN_EVALUATE``) on a copy of
+    ``pristine_repo``, shared by the tests that read what it did (the repo, the output, the
+    metrics before): they must not change it."""
     from types import SimpleNamespace
 
     repo = copy_project(pristine_repo, tmp_path_factory.mktemp("finetune_exp"))
@@ -337,7 +342,9 @@ def finetune_experiment(pristine_repo: Path, pipeline_env: dict, tmp_path_factor
         name: json.loads((repo / f"metrics/{name}.json").read_text())
         for name in ("finetune", "evaluate")
     }
-    done = run_command(["dvc", "exp", "run", "-S", "finetune.lr=0.005"], repo, pipeline_env)
+    done = run_command(
+        ["dvc", "exp", "run", "-S", "finetune.lr=0.005", *LEAN_EVALUATE], repo, pipeline_env
+    )
     return SimpleNamespace(repo=repo, output=done.stdout, before=before)
 
 
