@@ -27,6 +27,28 @@ SUITES = Path("data/suites")  # committed GX suites (validate.suite)
 SPLITS = Path("data/splits")
 
 
+# The validated pretraining corpus (data.corpus), written by the tokenize stage: corpus.parquet
+# (column text), rejected.parquet (text, reason) and report.json; report.json alone without one.
+CORPUS_DIR = Path("data/corpus")
+
+
+CORPUS = CORPUS_DIR / "corpus.parquet"
+
+
+CORPUS_REJECTED = CORPUS_DIR / "rejected.parquet"
+
+
+CORPUS_REPORT = CORPUS_DIR / "report.json"
+
+
+# The tokenizer trained by the tokenize stage (model.tokenizer), saved with save_pretrained,
+# and tokenizer_info.json: what was trained on what, or why none was.
+TOKENIZER_DIR = Path("models/tokenizer")
+
+
+TOKENIZER_INFO = TOKENIZER_DIR / "tokenizer_info.json"
+
+
 BASE_MODEL = Path("models/base")
 
 
