@@ -117,9 +117,11 @@ def _column(path: Path, source: str, kind: str, params: DataParams) -> pd.Series
             f"{key}: column {column!r} is not in the corpus {source} "
             f"(its columns: {list(map(str, table.columns))[:10]})"
         )
-    values = table[column]
-    return values.map(
-        lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+    values = [
+        None if v is None or (isinstance(v, float) and np.isnan(v)) else v for v in table[column]
+    ]
+    return pd.Series(
+        [clean_code_points(str(v)) if v is not None else None for v in values], dtype=object
     )
 
 
@@ -157,8 +159,7 @@ def read_corpus(params: DataParams, root: Path | str = ".") -> pd.Series:
             )
     if kind == "txt":
         return pd.Series(_lines(path, source), dtype=object)
-    texts = _column(path, source, kind, params)
-    return texts.map(lambda v: clean_code_points(v) if isinstance(v, str) else v)
+    return _column(path, source, kind, params)
 
 
 def held_out_texts(root: Path | str = ".") -> set[str]:
