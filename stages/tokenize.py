@@ -31,13 +31,16 @@ def main() -> None:
     params = load_params()
     data = params.section("data")
     sections = {
-        "data": {key: data[key] for key in ("text_column", "corpus", "corpus_column")},
+        "data": {k: data[k] for k in ("text_column", "corpus", "corpus_column", "corpus_sha256")},
+        "validate": {"text_length": params.section("validate")["text_length"]},
         "model": {"tokenizer": params.model.tokenizer.model_dump(mode="json")},
     }
     with stage_run("tokenize", params.tracking.experiment, sections, pipeline_params=params) as run:
         if params.data.corpus is None:
             report = {"corpus": None, "note": "data.corpus is null: no corpus to validate"}
-            write_dir_atomic(layout.CORPUS_DIR, lambda tmp: write_json(tmp / "report.json", report))
+            write_dir_atomic(
+                layout.CORPUS_DIR, lambda tmp: write_json(tmp / layout.CORPUS_REPORT.name, report)
+            )
         else:
             corpus = build_corpus(params)
             report = {"corpus": corpus.report}

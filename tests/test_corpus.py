@@ -301,3 +301,15 @@ def test_the_stage_trains_a_tokenizer_on_the_corpus(tmp_path: Path) -> None:
     assert _run(tmp_path).returncode == 0
     again = {p.name: p.read_bytes() for p in (tmp_path / layout.TOKENIZER_DIR).iterdir()}
     assert first == again  # byte-identical, from another process
+
+
+def test_the_md5s_become_tags_of_the_run(mlflow_client) -> None:
+    from conftest import TEST_EXPERIMENT
+
+    from stages.core.tracking.runs import stage_run
+    from stages.core.tracking.tags import set_tags
+
+    with stage_run("tokenize", TEST_EXPERIMENT, {}) as run:
+        run.send(set_tags, {"corpus_md5": "c" * 32, "tokenizer_md5": "t" * 32})
+    tags = mlflow_client.get_run(run.id).data.tags
+    assert (tags["corpus_md5"], tags["tokenizer_md5"]) == ("c" * 32, "t" * 32)
