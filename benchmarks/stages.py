@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
+STAGES = ["ingest", "validate", "split", "tokenize", "train", "finetune", "evaluate"]
 PROJECT = ["dvc.yaml", "params.yaml", "stages", "data/source", "data/suites", ".dvcignore"]
 PROJECT += [".gitignore"]
 PROJECT += [".dvc/config", ".dvc/plots"]

@@ -170,17 +170,18 @@ def train_text_model(params: Params, base_train, val, run, checkpoints, started:
 
 
 def pretrain_language_model(params: Params, run, checkpoints, started: float) -> None:
-    """arch hf, objective mlm or clm: a language model pretrained on the train splits' texts
-    (val's texts judge it) -> models/base/ (an LM checkpoint the finetune stage loads as a
-    classifier), perplexity in metrics/train.json and plots/train.csv, reports/samples.md."""
-    train_splits, val, held_out = pretraining_splits()
+    """arch hf, objective mlm or clm: a language model pretrained on the corpus (data.corpus,
+    validated by the tokenize stage, or the train splits' texts; val's texts judge it)
+    -> models/base/ (an LM checkpoint the finetune stage loads as a classifier), perplexity
+    in metrics/train.json and plots/train.csv, reports/samples.md."""
+    corpus, val, held_out, source = pretraining_splits(params)
 
     def on_epoch(stats) -> None:  # one MLflow call an epoch, perplexity included
         run.log_metrics(epoch_metrics(stats), step=stats.epoch)
 
     trained = pretrain(
-        params, train_splits, val, held_out, on_epoch if run is not None else None,
-        checkpoints=checkpoints, progress="train",
+        params, corpus, val, held_out, on_epoch if run is not None else None,
+        checkpoints=checkpoints, progress="train", source=source,
     )  # fmt: skip
     if run is None:
         return

@@ -178,7 +178,7 @@ def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 
 # --- End-to-end: the real `dvc` on a temporary git repo holding a copy of the project ---------
 
-PIPELINE_STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
+PIPELINE_STAGES = ["ingest", "validate", "split", "tokenize", "train", "finetune", "evaluate"]
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "data/source", "data/suites", ".dvcignore"]
 PROJECT_FILES += [".dvc/config", ".dvc/plots", ".gitignore"]
 # The local MLflow store records absolute paths (copy_mlflow_store rewrites them), and DVC's tmp

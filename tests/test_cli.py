@@ -14,7 +14,7 @@ from conftest import REPO_ROOT
 from stages.core.common.cli import run_stage
 from stages.core.common.errors import DataError, GateError, ParamsError, PipelineError
 
-STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
+STAGES = ["ingest", "validate", "split", "tokenize", "train", "finetune", "evaluate"]
 
 
 def test_success_returns_normally(capsys) -> None:

@@ -19,7 +19,7 @@ from conftest import REPO_ROOT
 DOCS = REPO_ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
 CORE = REPO_ROOT / "stages" / "core"
-STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
+STAGES = ["ingest", "validate", "split", "tokenize", "train", "finetune", "evaluate"]
 
 
 def table_rows(text: str) -> list[list[str]]:

@@ -27,7 +27,7 @@ PROJECT_FILES = [
     ".dvcignore",
     ".dvc/config",
 ]
-STAGES = ["ingest", "validate", "split", "train", "finetune", "evaluate"]
+STAGES = ["ingest", "validate", "split", "tokenize", "train", "finetune", "evaluate"]
 REPRO_TIMEOUT = 900  # seconds; a cold run takes about a minute on a busy 2-core machine
 # Small but real: a few hundred rows, few epochs, two shot draws, 200 bootstrap resamples (the
 # intervals are not what these tests check).

@@ -180,7 +180,7 @@ def test_exp_run_of_a_split_param_reruns_from_split(pipeline_repo: Path, pipelin
         check=False,
     )
     assert resplit.returncode == 0, resplit.stderr
-    assert ran_stages(resplit.stdout) == ["split", "train", "finetune", "evaluate"]
+    assert ran_stages(resplit.stdout) == ["split", "tokenize", "train", "finetune", "evaluate"]
     assert read_json(pipeline_repo, "metrics/train.json")["epochs_run"] == 5
 
 

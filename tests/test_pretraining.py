@@ -27,8 +27,8 @@ from stages.core.modeling.pretraining import (
     perplexity_rows,
     pretrain,
     pretraining_summary,
-    pretraining_texts,
     samples_report,
+    training_texts,
 )
 from stages.core.modeling.text import load_text_model, save_text_model
 
@@ -54,6 +54,9 @@ def tokenizers(tmp_path_factory) -> dict[str, Path]:
     return build_tokenizers(tmp_path_factory.mktemp("tokenizers"))
 
 
+TOKENIZER_KIND = {"bert": "wordpiece", "gpt2": "bpe"}
+
+
 def lm_params(kind: str, pretrained: str | None = None, **train):
     return parse_params(
         {
@@ -61,6 +64,8 @@ def lm_params(kind: str, pretrained: str | None = None, **train):
             "model": {
                 "arch": "hf",
                 "pretrained": pretrained,
+                # From scratch, the tokenize stage's kind; a checkpoint keeps its own.
+                "tokenizer": {"kind": TOKENIZER_KIND[kind] if pretrained is None else "pretrained"},
                 "max_length": 32,
                 "hf": {
                     "model_type": kind,
@@ -199,7 +204,7 @@ def test_no_val_or_test_text_goes_into_pretraining(tokenizers, monkeypatch) -> N
     # through across domains): they must stay out.
     leaked = [val[TEXT][0], test[TEXT][1], target_test[TEXT][2]]
     base_train.loc[:2, TEXT] = leaked
-    corpus = pretraining_texts([base_train, target_train, base_train], [val, test, target_test])
+    corpus = training_texts([base_train, target_train, base_train], [val, test, target_test])
     judged = set(val[TEXT]) | set(test[TEXT]) | set(target_test[TEXT])
     assert not judged & set(corpus.texts)
     assert corpus.held_out >= 3 and len(set(corpus.texts)) == len(corpus.texts)
@@ -406,3 +411,16 @@ def test_evaluate_compares_with_the_checkpoint_before_pretraining(tiny_checkpoin
     del metrics["checkpoint"], metrics["adaptive_pretraining"]
     assert not _adaptive_lines(metrics)
     assert not any(line.startswith("| checkpoint |") for line in _models_table(metrics, 6, True))
+
+
+def test_the_tokenizer_kind_must_fit_the_model_source(tiny_checkpoints) -> None:
+    """From scratch needs a tokenizer trained on the corpus; a checkpoint keeps its own."""
+    scratch = lm_params("bert").model_dump(mode="json", by_alias=True)
+    scratch["model"]["tokenizer"]["kind"] = "pretrained"
+    with pytest.raises(ParamsError, match="model.tokenizer.kind: pretraining from scratch"):
+        parse_params(scratch)
+    checkpoint = lm_params("bert", pretrained=str(tiny_checkpoints["bert"]))
+    checkpoint = checkpoint.model_dump(mode="json", by_alias=True)
+    checkpoint["model"]["tokenizer"]["kind"] = "wordpiece"
+    with pytest.raises(ParamsError, match="model.tokenizer.kind: wordpiece trains a new vocab"):
+        parse_params(checkpoint)

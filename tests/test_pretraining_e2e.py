@@ -158,9 +158,9 @@ def _ddp_data():
 def test_ddp_and_fsdp_with_two_gloo_processes_train_like_one(
     tokenizers, tmp_path, monkeypatch
 ) -> None:
-    """Under ddp and under fsdp, each rank takes its share of every step's blocks, the loss divided by the step's target
-    tokens over both ranks: the ranks stay in step, and end where one process does (float
-    rounding aside)."""
+    """Under ddp and under fsdp, each rank takes its share of every step's blocks, the loss
+    divided by the step's target tokens over both ranks: the ranks stay in step, and end where
+    one process does (float rounding aside)."""
     import socket
 
     import torch.multiprocessing as mp

@@ -27,6 +27,28 @@ SUITES = Path("data/suites")  # committed GX suites (validate.suite)
 SPLITS = Path("data/splits")
 
 
+# The validated pretraining corpus (data.corpus), written by the tokenize stage: corpus.parquet
+# (column text), rejected.parquet (text, reason) and report.json; report.json alone without one.
+CORPUS_DIR = Path("data/corpus")
+
+
+CORPUS = CORPUS_DIR / "corpus.parquet"
+
+
+CORPUS_REJECTED = CORPUS_DIR / "rejected.parquet"
+
+
+CORPUS_REPORT = CORPUS_DIR / "report.json"
+
+
+# The tokenizer trained by the tokenize stage (model.tokenizer), saved with save_pretrained,
+# and tokenizer_info.json: what was trained on what, or why none was.
+TOKENIZER_DIR = Path("models/tokenizer")
+
+
+TOKENIZER_INFO = TOKENIZER_DIR / "tokenizer_info.json"
+
+
 BASE_MODEL = Path("models/base")
 
 
@@ -87,11 +109,6 @@ def split_path(role: str, part: str) -> Path:
 def checkpoint_dir(stage: str) -> Path:
     """``.checkpoints/<stage>``: where a stage keeps the checkpoints it may resume from."""
     return CHECKPOINTS / stage
-
-
-# The tokenizer trained on the corpus (a Hugging Face tokenizer saved with save_pretrained):
-# what arch hf pretrains with from scratch (model.pretrained: null).
-TOKENIZER_DIR = Path("models/tokenizer")
 
 
 SAMPLES_REPORT = Path("reports/samples.md")  # a causal LM's sample continuations (train)

@@ -63,6 +63,44 @@ class DataParams(_Section):
     download_timeout: float = Field(30.0, gt=0)
     # The column holding the text of a text dataset; null: numeric features (or images).
     text_column: str | None = Field(None, min_length=1)
+    # Unlabelled pretraining text: a .txt file (a document per line), a folder of .txt files
+    # (a document per file), a CSV/TSV/Parquet/JSON Lines file (column corpus_column) or an
+    # http(s) URL of one such file (with corpus_sha256); null: the labelled train splits' texts.
+    corpus: str | None = Field(None, min_length=1)
+    corpus_column: str | None = Field(None, min_length=1)  # null: data.text_column
+    corpus_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+    def check_corpus(self) -> None:
+        """data.corpus: a text dataset's, a path in the repo or an http(s) URL with a sha256."""
+        corpus = self.corpus
+        if corpus is None:
+            return
+        if self.text_column is None:
+            raise ValueError(
+                "data.corpus: pretraining text needs a text dataset (set data.text_column)"
+            )
+        url = corpus.startswith(("http://", "https://"))
+        if url and self.corpus_sha256 is None:
+            raise ValueError(
+                "data.corpus_sha256: required for an http(s) corpus: set it to the file's "
+                "SHA-256 (sha256sum FILE)"
+            )
+        if not url:
+            if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", corpus):
+                raise ValueError(
+                    f"data.corpus: unknown scheme in {corpus!r}; use a path in the repository "
+                    "or an http(s):// URL with data.corpus_sha256"
+                )
+            try:
+                path = repo_path(corpus)
+            except ValueError as exc:
+                raise ValueError(f"data.corpus: {exc}") from None
+            # The tokenize stage depends on data/source/: a corpus elsewhere would not rerun it.
+            if path.parts[:2] != ("data", "source") or len(path.parts) < 3:
+                raise ValueError(
+                    f"data.corpus: {corpus!r} must be under data/source/ (the tokenize stage's "
+                    "DVC deps hold data/source/, so a corpus elsewhere would never rerun it)"
+                )
 
     @model_validator(mode="after")
     def _distinct_domains(self) -> DataParams:
@@ -217,6 +255,61 @@ class HfParams(_Section):
         return self
 
 
+# Each kind's default special tokens. wordpiece: pad, unk, cls, sep, mask in this order;
+# bpe: the end-of-text token (also bos, unk and pad). Entries after those are extra specials.
+DEFAULT_SPECIAL_TOKENS = {
+    "wordpiece": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    "bpe": ["<|endoftext|>"],
+}
+
+
+# Byte-level BPE starts from every byte: its vocabulary holds the 256 bytes and the specials.
+BYTE_ALPHABET = 256
+
+
+class TokenizerParams(_Section):
+    # pretrained: the checkpoint's own tokenizer; wordpiece (BERT-style) or bpe (GPT-style
+    # byte-level BPE): trained on the pretraining texts by the tokenize stage.
+    kind: Literal["pretrained", "wordpiece", "bpe"] = "pretrained"
+    vocab_size: int = Field(8000, ge=1)
+    lowercase: bool | None = None  # None: the kind's default (wordpiece yes, bpe no)
+    special_tokens: list[str] | None = Field(None, min_length=1)  # None: the kind's defaults
+    min_frequency: int = Field(2, ge=1)
+
+    def check(self) -> None:
+        """The special tokens a kind needs, and a vocabulary that holds them (and the bytes)."""
+        if self.kind == "pretrained":
+            return
+        specials = self.specials()
+        needed = len(DEFAULT_SPECIAL_TOKENS[self.kind])
+        if len(specials) < needed:
+            raise ValueError(
+                f"model.tokenizer.special_tokens: {self.kind} needs at least {needed} "
+                f"(in this order: {DEFAULT_SPECIAL_TOKENS[self.kind]}), got {specials}"
+            )
+        if len(set(specials)) != len(specials):
+            raise ValueError(f"model.tokenizer.special_tokens: repeated tokens in {specials}")
+        floor = len(specials) + (BYTE_ALPHABET if self.kind == "bpe" else 1)
+        if self.vocab_size < floor:
+            what = f"{len(specials)} special tokens" + (
+                f" + the {BYTE_ALPHABET} bytes of byte-level BPE" if self.kind == "bpe" else ""
+            )
+            raise ValueError(
+                f"model.tokenizer.vocab_size: {self.vocab_size} is smaller than the {what}; "
+                f"raise it to at least {floor}"
+            )
+
+    def specials(self) -> list[str]:
+        """The special tokens: the params' list, else the kind's defaults."""
+        if self.special_tokens is not None:
+            return list(self.special_tokens)
+        return list(DEFAULT_SPECIAL_TOKENS.get(self.kind, []))
+
+    def lowercases(self) -> bool:
+        """Whether the tokenizer lower-cases: the param, else the kind's default."""
+        return self.lowercase if self.lowercase is not None else self.kind == "wordpiece"
+
+
 class ModelParams(_Section):
     arch: Literal["mlp", "cnn", "transformer", "hf"] = "mlp"
     scaling: Literal["global", "per_feature"] = "global"
@@ -231,6 +324,8 @@ class ModelParams(_Section):
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     hf: HfParams = Field(default_factory=HfParams)
+
+    tokenizer: TokenizerParams = Field(default_factory=TokenizerParams)
 
     @field_validator("hidden")
     @classmethod
@@ -377,6 +472,19 @@ class Params(_Section):
             )
         if model.arch != "hf" and model.pretrained is not None:
             raise ValueError(f"model.pretrained applies to arch hf only (arch is {model.arch})")
+        kind = model.tokenizer.kind
+        if model.arch == "hf" and model.pretrained is None and kind == "pretrained":
+            raise ValueError(
+                "model.tokenizer.kind: pretraining from scratch (model.pretrained: null) needs a "
+                "tokenizer trained on the corpus: wordpiece (BERT-style, mlm) or bpe "
+                "(GPT-style, clm); pretrained means a checkpoint's own"
+            )
+        if model.arch == "hf" and model.pretrained is not None and kind != "pretrained":
+            raise ValueError(
+                f"model.tokenizer.kind: {kind} trains a new vocabulary, which the embeddings "
+                f"of model.pretrained ({model.pretrained}) do not know; a checkpoint keeps its "
+                "own tokenizer (kind: pretrained)"
+            )
         if self.train.objective != "classify" and model.arch != "hf":
             raise ValueError(
                 f"train.objective: {self.train.objective} needs model.arch: hf (arch is "
@@ -390,6 +498,19 @@ class Params(_Section):
         ):
             raise ValueError(
                 f"model.transformer.patch_size: {patch} does not divide data.image_shape {shape}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _corpus_and_tokenizer(self) -> Params:
+        # Here, not in their sections, so that the one-line error names the key in full.
+        self.data.check_corpus()
+        self.model.tokenizer.check()
+        kind = self.model.tokenizer.kind
+        if kind != "pretrained" and self.data.text_column is None:
+            raise ValueError(
+                f"model.tokenizer.kind: {kind} trains a tokenizer on text; it needs a text "
+                "dataset (data.text_column), or set it to pretrained"
             )
         return self
 

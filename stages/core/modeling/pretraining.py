@@ -104,17 +104,18 @@ class PretrainingTexts:
     source: str
 
 
-def pretraining_texts(
-    train_splits: Sequence[pd.DataFrame], held_out: Sequence[pd.DataFrame]
+def training_texts(
+    corpus: Sequence[pd.DataFrame], held_out: Sequence[pd.DataFrame], source: str = "train splits"
 ) -> PretrainingTexts:
-    """The pretraining corpus: the texts of the labelled train splits (base and target; labels
-    unused), each once, in order, minus every text that also stands in a ``held_out`` split
-    (validation and test, of either domain), so that no text the pipeline judges a model on is
-    ever trained on. The one place the corpus is chosen (``data.corpus`` plugs in here)."""
+    """The texts the model trains on: those of ``corpus`` (the validated ``data.corpus``, or
+    the labelled train splits, base and target, labels unused; see ``pretraining_splits``),
+    each once, in order, minus every text that also stands in a ``held_out`` split (validation
+    and test, of either domain): the last guard that no text the pipeline judges a model on is
+    ever trained on (the tokenize stage's gate has already dropped them from a corpus)."""
     judged = {str(t) for frame in held_out for t in frame[TEXT].tolist()}
     seen: set[str] = set()
     texts, dropped = [], 0
-    for frame in train_splits:
+    for frame in corpus:
         for item in map(str, frame[TEXT].tolist()):
             if item in seen:
                 continue
@@ -123,7 +124,7 @@ def pretraining_texts(
                 dropped += 1
             else:
                 texts.append(item)
-    return PretrainingTexts(texts, dropped, "train splits")
+    return PretrainingTexts(texts, dropped, source)
 
 
 # The splits a pretraining run reads: the train splits' texts are its corpus, base val judges
@@ -135,18 +136,27 @@ HELD_OUT_SPLITS = (("base", "val"), ("base", "test"), ("target", "val"), ("targe
 
 def pretraining_inputs(params: Params) -> list[Path]:
     """The files a pretraining run's numbers depend on (its checkpoints' fingerprint): the
-    splits it reads (base train and val first, as for classify) and, from scratch, the
-    tokenizer."""
+    splits it reads (base train and val first, as for classify), the validated corpus when
+    ``data.corpus`` is set and, from scratch, the tokenizer."""
     names = dict.fromkeys([TRAIN_SPLITS[0], VAL_SPLIT, *TRAIN_SPLITS, *HELD_OUT_SPLITS])
     paths = [layout.split_path(*name) for name in names]
+    paths += [layout.CORPUS] if params.data.corpus is not None else []
     return paths + ([TOKENIZER_DIR] if params.model.pretrained is None else [])
 
 
-def pretraining_splits() -> tuple[list[pd.DataFrame], pd.DataFrame, list[pd.DataFrame]]:
-    """The train splits (the corpus), the val split (its blocks judge the model) and the
-    held-out splits (val and test of both domains), read from ``data/splits``."""
+def pretraining_splits(
+    params: Params,
+) -> tuple[list[pd.DataFrame], pd.DataFrame, list[pd.DataFrame], str]:
+    """The corpus (``data/corpus/corpus.parquet``, the tokenize stage's validated
+    ``data.corpus``, or else the labelled train splits), the val split (its blocks judge the
+    model), the held-out splits (val and test of both domains) and what the corpus is."""
     read = lambda name: pd.read_parquet(layout.split_path(*name))  # noqa: E731
-    return [read(n) for n in TRAIN_SPLITS], read(VAL_SPLIT), [read(n) for n in HELD_OUT_SPLITS]
+    held_out = [read(n) for n in HELD_OUT_SPLITS]
+    if params.data.corpus is not None:
+        corpus, source = [pd.read_parquet(layout.CORPUS)], f"data.corpus {params.data.corpus}"
+    else:
+        corpus, source = [read(n) for n in TRAIN_SPLITS], "train splits"
+    return corpus, read(VAL_SPLIT), held_out, source
 
 
 def epoch_metrics(stats: EpochStats) -> dict:
@@ -368,14 +378,15 @@ def pretrain(
     checkpoints: Checkpoints | None = None,
     progress: str | None = None,
     tokenizer_dir: Path = TOKENIZER_DIR,
+    source: str = "train splits",
 ) -> PretrainRun:
-    """Pretrain with ``train.objective`` on ``pretraining_texts(train_splits, held_out)``,
+    """Pretrain with ``train.objective`` on ``training_texts(train_splits, held_out)``,
     judged on ``val``'s texts (mean token loss, early stopping on it as for classify), with
     the train options and AdamW. A causal model then writes greedy samples."""
     objective = params.train.objective
     hf, tokenizer, provenance = load_language_model(params, tokenizer_dir)
     size = block_size(params.train.block_size, hf.config)
-    corpus = pretraining_texts(train_splits, held_out)
+    corpus = training_texts(train_splits, held_out, source)
     train_blocks, train_grouped = lm_blocks(tokenizer, corpus.texts, size, params, "train")
     val_texts = [str(t) for t in val[TEXT].tolist()]
     val_blocks, val_grouped = lm_blocks(tokenizer, val_texts, size, params, "val")
@@ -389,7 +400,9 @@ def pretrain(
         checkpoints=checkpoints,
         progress=progress,
     )
-    classes = sorted({label for frame in train_splits for label in frame[LABEL].tolist()}, key=str)
+    # The labels are unused here (a corpus has none); kept as what the classifier will face.
+    labelled = [frame for frame in [*train_splits, val] if LABEL in frame]
+    classes = sorted({label for frame in labelled for label in frame[LABEL].tolist()}, key=str)
     config = text.TextModelConfig(
         classes=classes,
         text_column=params.data.text_column or TEXT,
