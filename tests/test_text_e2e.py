@@ -191,3 +191,60 @@ def test_objective_none_takes_the_checkpoint_and_drops_the_base_block(
         pd.read_parquet(repo / "data/splits/target_test.parquet")
     )
     assert json.loads((repo / "metrics/finetune.json").read_text())["epochs_run"] == 20
+
+
+def test_a_language_model_pretrained_here_from_a_corpus(text_repo, pipeline_env) -> None:
+    """corpus -> tokenizer -> a BERT pretrained from scratch (mlm) -> fine-tuned classifier ->
+    evaluation, as one DVC graph: a corpus text that is also a test text is quarantined, the
+    registered version names its tokenizer, and a finetune param reruns finetune and evaluate
+    only (never the tokenizer or the pretraining). Last in this file: it changes the repo."""
+    import mlflow
+
+    repo, _ = text_repo
+    test_texts = pd.read_parquet(repo / "data/splits/target_test.parquet")["text"].tolist()
+    corpus, _ = labelled_texts(300, seed=11)
+    (repo / "data/source/corpus.txt").write_text("\n".join([*corpus, test_texts[0]]) + "\n")
+    set_params(
+        repo,
+        data={"corpus": "data/source/corpus.txt"},
+        model={"pretrained": None, "tokenizer": {"kind": "wordpiece", "vocab_size": 200},
+               "hf": {"model_type": "bert", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                      "intermediate_size": 64, "max_positions": 64}},
+        train={"objective": "mlm", "block_size": 32, "epochs": 3, "lr": 0.003},
+        finetune={"strategy": "full", "epochs": 4},
+        evaluate={"draws": 1},
+    )  # fmt: skip
+    env = pipeline_env | {"PIPELINE_TRACKING": "on", "HF_HUB_OFFLINE": "1"}
+    out = run_command(["dvc", "repro"], repo, env, check=False)  # the gates may fail
+    ran = ran_stages(out.stdout)
+    # The corpus file is new in data/source, which ingest reads: ingest reruns, writes the same
+    # table, and validate and split are skipped.
+    assert ran == ["ingest", "tokenize", "train", "finetune", "evaluate"], out.stdout + out.stderr
+    report = json.loads((repo / "data/corpus/report.json").read_text())["corpus"]
+    assert report["quarantined"]["in_val_or_test"] == 1, report
+    clean = pd.read_parquet(repo / "data/corpus/corpus.parquet")["text"].tolist()
+    assert test_texts[0] not in clean and len(clean) == report["rows_clean"]
+    assert json.loads((repo / "models/tokenizer/tokenizer_info.json").read_text())["trained"]
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert train["texts"]["train"] == len(clean) and train["texts"]["held_out"] == 0
+    history = pd.read_csv(repo / "plots/train.csv")
+    assert len(history) == 3 and history["val_perplexity"].iloc[-1] < history["val_perplexity"][0]
+    meta = json.loads((repo / "models/base/pipeline.json").read_text())
+    assert (
+        meta["format"] == "hf-masked-lm" and meta["provenance"]["pretrained"] == "pretrained here"
+    )
+    metrics = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert "base" not in metrics and {"finetuned", "scratch", "sklearn"} <= metrics.keys()
+    assert "this run's objective is mlm" in (repo / "reports/samples.md").read_text()
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    try:
+        client = mlflow.MlflowClient()
+        version = client.get_model_version_by_alias(MODEL, "candidate")
+        assert version.tags["base.pretrained"] == "pretrained here"
+        assert version.tags["base.tokenizer_md5"] == meta["provenance"]["tokenizer_md5"]
+    finally:
+        mlflow.set_tracking_uri(None)
+    set_params(repo, finetune={"epochs": 3})
+    again = run_command(["dvc", "repro"], repo, pipeline_env | {"PIPELINE_TRACKING": "off"},
+                        check=False)  # fmt: skip
+    assert ran_stages(again.stdout) == ["finetune", "evaluate"], again.stdout + again.stderr
