@@ -114,11 +114,11 @@ def load_texts(rows: int, which: str) -> tuple[list[str], list[str], str]:
         return texts, labels, "synthetic texts (tests/tiny_text.py)"
 
 
-def ours(folder, classes, tokens, val, options) -> float:
+def ours(folder, classes, tokens, val, options, max_length) -> float:
     """Seconds of ``fit()`` on a fresh copy of the checkpoint with a seeded head."""
     torch.manual_seed(options.seed)
     model, _, _ = text.load_pretrained(
-        ModelParams(arch="hf", pretrained=folder, max_length=tokens.ids.shape[1]), classes, "t"
+        ModelParams(arch="hf", pretrained=folder, max_length=max_length), classes, "t"
     )
     start = time.perf_counter()
     fit(model, tokens, val, options)
@@ -179,13 +179,12 @@ def trainer(folder, classes, texts, y, max_length, options, workdir) -> float:
     return seconds
 
 
-def head_runs(folder, classes, tokens, val, options, lora) -> tuple[float, float]:
+def head_runs(folder, classes, tokens, val, options, lora, max_length) -> tuple[float, float]:
     """Seconds of the head strategy with the body's outputs cached, and without (the head
     trained through the frozen body every epoch)."""
     torch.manual_seed(options.seed)
-    width = tokens.ids.shape[1]
     base, _, config = text.load_pretrained(
-        ModelParams(arch="hf", pretrained=folder, max_length=width), classes, "t"
+        ModelParams(arch="hf", pretrained=folder, max_length=max_length), classes, "t"
     )
     times = []
     for cached in (True, False):
@@ -259,22 +258,26 @@ def main(argv: list[str] | None = None) -> None:
         )
         # Warm-up (the first optimizer step imports torch._dynamo; kernels, allocator)
         warm = replace(tokens, ids=tokens.ids[:2], lengths=tokens.lengths[:2], y=tokens.y[:2])
-        ours(folder, classes, warm, warm, replace(options, epochs=1, batch_size=2))
+        ours(folder, classes, warm, warm, replace(options, epochs=1, batch_size=2), args.max_length)
         trainer(folder, classes, texts[:2], y[:2].tolist(), config.max_length,
                 replace(options, epochs=1, batch_size=2), workdir)  # fmt: skip
         padded = padded_to(tokens, config.max_length)
         padded_val = padded_to(val, config.max_length)
         runs: dict[str, list[float]] = {"fit": [], "trainer": [], "padded": []}
         for _ in range(args.repeats):  # alternating, best of: load on a shared machine varies
-            runs["fit"].append(ours(folder, classes, tokens, val, options))
+            runs["fit"].append(ours(folder, classes, tokens, val, options, config.max_length))
             runs["trainer"].append(
                 trainer(folder, classes, texts, y.tolist(), config.max_length, options, workdir)
             )
-            runs["padded"].append(ours(folder, classes, padded, padded_val, options))
+            runs["padded"].append(
+                ours(folder, classes, padded, padded_val, options, config.max_length)
+            )
         fit_s, hf_s, pad_s = (min(runs[key]) for key in ("fit", "trainer", "padded"))
         head_options = replace(options, epochs=args.head_epochs, lr=1e-2)
         lora = LoraParams()
-        cached_s, uncached_s = head_runs(folder, classes, tokens, val, head_options, lora)
+        cached_s, uncached_s = head_runs(
+            folder, classes, tokens, val, head_options, lora, config.max_length
+        )
     slots = tokens.padded_tokens(args.batch)
     summary = {
         "model": name,
