@@ -147,6 +147,7 @@ def test_text_benchmark_in_cpu_mode(tiny_checkpoints) -> None:
     assert (summary["device"], summary["precision"], summary["rows"]) == ("cpu", "fp32", 48)
     assert (summary["max_length"], summary["batch"], summary["epochs"]) == (32, 8, 1)
     assert summary["data"] == "synthetic texts (tests/tiny_text.py)"
+    assert (summary["clock"], summary["repeats"]) == ("cpu", 1)  # CPU seconds on the CPU
     seconds = summary["seconds"]
     assert all(value > 0 for value in seconds.values()), seconds
     assert summary["ratio_fit_over_trainer"] == pytest.approx(
