@@ -156,6 +156,9 @@ def test_text_benchmark_in_cpu_mode(tiny_checkpoints) -> None:
     assert summary["dynamic_padding_gain"] == pytest.approx(
         seconds["fit_padded_to_max_length"] / seconds["fit"], rel=0.02
     )
+    assert summary["ratio_fit_over_trainer_group_by_length"] == pytest.approx(
+        seconds["trainer_group_by_length"] / seconds["fit"], rel=0.02
+    )
     assert summary["head_cache_gain"] == pytest.approx(
         seconds["head_uncached"] / seconds["head_cached"], rel=0.02
     )
