@@ -71,6 +71,7 @@ DEMO_PARAMS = {
     "evaluate.draws": "3",
     "evaluate.min_transfer_gain": "-1",
     "evaluate.bootstrap_resamples": "1000",
+    "tracking.registered_model": "drug-review-classifier",
 }
 
 
