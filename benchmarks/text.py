@@ -188,8 +188,9 @@ def trainer(folder, classes, texts, y, max_length, options, workdir, grouped=Fal
         torch.set_num_threads(options.cpu_threads)
     start = now()
     run.train()
-    seconds = now() - start
-    return seconds
+    if cuda:
+        torch.cuda.synchronize()  # fit() ends by moving the model to the CPU, which waits too
+    return now() - start
 
 
 def head_runs(folder, classes, tokens, val, options, lora, max_length) -> tuple[float, float]:
