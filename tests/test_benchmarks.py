@@ -168,3 +168,61 @@ def test_pretraining_benchmark_in_cpu_mode() -> None:
     row = f"| gpt2 w64 l2 h2 | {result['parameters']:,} | {result['tokens_per_s']:,.0f} | "
     assert sum(line.startswith(row) for line in lines) == 1
     assert len(lines) == 3 + 1 + 1  # header, one row, JSON: Trainer printed nothing of its own
+
+
+def test_text_benchmark_in_cpu_mode(tiny_checkpoints) -> None:
+    """benchmarks.text on a tiny BERT: our loop and transformers' Trainer on the same rows,
+    padding to max_length, the head with and without cached body outputs; the printed ratios
+    are the ones of the times in its JSON."""
+    command = [
+        sys.executable, "-m", "benchmarks.text", "--model", str(tiny_checkpoints["bert"]),
+        "--texts", "synthetic", "--rows", "48", "--max-length", "32", "--batch", "8",
+    ]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert (summary["device"], summary["precision"], summary["rows"]) == ("cpu", "fp32", 48)
+    assert (summary["max_length"], summary["batch"], summary["epochs"]) == (32, 8, 1)
+    assert summary["data"] == "synthetic texts (tests/tiny_text.py)"
+    assert (summary["clock"], summary["repeats"]) == ("cpu", 1)  # CPU seconds on the CPU
+    seconds = summary["seconds"]
+    assert all(value > 0 for value in seconds.values()), seconds
+    assert summary["ratio_fit_over_trainer"] == pytest.approx(
+        seconds["trainer"] / seconds["fit"], rel=0.02
+    )
+    assert summary["dynamic_padding_gain"] == pytest.approx(
+        seconds["fit_padded_to_max_length"] / seconds["fit"], rel=0.02
+    )
+    assert summary["ratio_fit_over_trainer_group_by_length"] == pytest.approx(
+        seconds["trainer_group_by_length"] / seconds["fit"], rel=0.02
+    )
+    assert summary["head_cache_gain"] == pytest.approx(
+        seconds["head_uncached"] / seconds["head_cached"], rel=0.02
+    )
+    real = summary["real_tokens_per_epoch"]
+    assert summary["tokens_per_s"]["fit"] == pytest.approx(real / seconds["fit"], rel=0.02)
+    # The synthetic texts are short: grouped batches hold far fewer slots than 48 x 32
+    slots = summary["padded_slots_per_epoch"]
+    assert real <= slots["grouped"] < slots["max_length"] == 48 * 32
+    assert f"ratio ours/Trainer: {summary['ratio_fit_over_trainer']:.2f}x" in done.stdout
+
+
+def test_padding_to_max_length_keeps_the_mask() -> None:
+    """The benchmark's padded-to-max_length batches differ from the grouped ones in width
+    only: the same ids and attention mask on the real tokens, padding masked out."""
+    import torch
+
+    from benchmarks.text import padded_to
+    from stages.core.engine.batches import TokenBatches
+
+    batches = TokenBatches.from_ids([[5, 6, 7], [8]], [0, 1], pad_id=0)
+    wide = padded_to(batches, 16).inputs(torch.tensor([0, 1]))
+    narrow = batches.inputs(torch.tensor([0, 1]))
+    assert wide["input_ids"].shape == wide["attention_mask"].shape == (2, 16)
+    assert torch.equal(wide["input_ids"][:, :3], narrow["input_ids"])
+    assert torch.equal(wide["attention_mask"][:, :3], narrow["attention_mask"])
+    assert wide["attention_mask"].sum().item() == 4
