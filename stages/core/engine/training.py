@@ -405,12 +405,22 @@ def _train_epoch(
                         total += loss_sum.detach()
                         loss = loss_sum * (world.size / len(step))  # DDP divides by size
                 loss.backward()
-        if options.grad_clip is not None:
-            nn.utils.clip_grad_norm_(trained, options.grad_clip)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        _optimizer_step(optimizer, scheduler, trained, options)
     return total, len(data)
+
+
+def _optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    trained: list[nn.Parameter],
+    options: FitOptions,
+) -> None:
+    """The end of a step: clip the gradients' global norm (if asked), step, advance the lr."""
+    if options.grad_clip is not None:
+        nn.utils.clip_grad_norm_(trained, options.grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
 
 
 def _gradient_sync(step_model: nn.Module, syncing: bool):
@@ -461,11 +471,7 @@ def _train_token_epoch(
                 total += loss_sum.detach()
                 loss = loss_sum * (world.size / max(n_targets, 1))
                 loss.backward()
-        if options.grad_clip is not None:
-            nn.utils.clip_grad_norm_(trained, options.grad_clip)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        _optimizer_step(optimizer, scheduler, trained, options)
     return total, max(counted, 1)
 
 

@@ -55,16 +55,10 @@ PROMPT_WORDS = 3
 SAMPLE_TOKENS = 24
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(text.TextClassifier):
     """A Hugging Face masked or causal LM as ``fit()`` calls it: a batch's dict in, the
-    per-token logits out (rows x positions x vocabulary)."""
-
-    def __init__(self, hf: nn.Module):
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+    per-token logits out (rows x positions x vocabulary); the classifier's wrapper, whose
+    forward is the same call."""
 
 
 @dataclass(frozen=True)
