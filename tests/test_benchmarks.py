@@ -13,15 +13,21 @@ from conftest import REPO_ROOT
 from benchmarks.gpu import peak_tflops
 
 
-def test_gpu_benchmark_in_cpu_mode() -> None:
-    command = [sys.executable, "-m", "benchmarks.gpu", "--cpu", "--rows", "512", "--widths", "16"]
-    env = os.environ | {"PYTHONPATH": str(REPO_ROOT)}
+def run_benchmark(module: str, *args: str) -> tuple[list[str], dict]:
+    """``python -m benchmarks.<module> args`` (offline): its printed lines and the JSON summary
+    its last line holds."""
+    command = [sys.executable, "-m", f"benchmarks.{module}", *args]
+    env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    summary = json.loads(lines[-1])
+    return lines, json.loads(lines[-1])
+
+
+def test_gpu_benchmark_in_cpu_mode() -> None:
+    lines, summary = run_benchmark("gpu", "--cpu", "--rows", "512", "--widths", "16")
     assert (summary["device"], summary["precision"], summary["peak_bf16_tflops"]) == (
         "cpu",
         "fp32",
@@ -133,15 +139,7 @@ def test_pretraining_benchmark_in_cpu_mode() -> None:
     """benchmarks.pretrain's CPU mode: our loop and transformers.Trainer pretrain the same GPT-2
     on the same blocks; the ratio, the FLOPs per token (PaLM's 6N + 12 L d T) and the table
     say what the JSON says."""
-    command = [sys.executable, "-m", "benchmarks.pretrain", "--cpu", "--rows", "32",
-               "--repeats", "1"]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    summary = json.loads(lines[-1])
+    lines, summary = run_benchmark("pretrain", "--cpu", "--rows", "32", "--repeats", "1")
     assert (summary["device"], summary["precision"], summary["peak_bf16_tflops"]) == (
         "cpu",
         "fp32",
@@ -174,17 +172,10 @@ def test_text_benchmark_in_cpu_mode(tiny_checkpoints) -> None:
     """benchmarks.text on a tiny BERT: our loop and transformers' Trainer on the same rows,
     padding to max_length, the head with and without cached body outputs; the printed ratios
     are the ones of the times in its JSON."""
-    command = [
-        sys.executable, "-m", "benchmarks.text", "--model", str(tiny_checkpoints["bert"]),
+    lines, summary = run_benchmark(
+        "text", "--model", str(tiny_checkpoints["bert"]),
         "--texts", "synthetic", "--rows", "48", "--max-length", "32", "--batch", "8",
-    ]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    summary = json.loads(lines[-1])
+    )  # fmt: skip
     assert (summary["device"], summary["precision"], summary["rows"]) == ("cpu", "fp32", 48)
     assert (summary["max_length"], summary["batch"], summary["epochs"]) == (32, 8, 1)
     assert summary["data"] == "synthetic texts (tests/tiny_text.py)"
@@ -208,7 +199,7 @@ def test_text_benchmark_in_cpu_mode(tiny_checkpoints) -> None:
     # The synthetic texts are short: grouped batches hold far fewer slots than 48 x 32
     slots = summary["padded_slots_per_epoch"]
     assert real <= slots["grouped"] < slots["max_length"] == 48 * 32
-    assert f"ratio ours/Trainer: {summary['ratio_fit_over_trainer']:.2f}x" in done.stdout
+    assert f"ratio ours/Trainer: {summary['ratio_fit_over_trainer']:.2f}x" in "\n".join(lines)
 
 
 def test_padding_to_max_length_keeps_the_mask() -> None:
