@@ -158,7 +158,7 @@ def test_few_shot_options_take_every_fit_option_from_finetune_else_train() -> No
                 "epochs": 70, "batch_size": 40, "lr": 0.05, "weight_decay": 0.2, "seed": 90,
                 "schedule": "constant", "warmup_epochs": 0.5, "grad_clip": 9.0, "grad_accum": 2,
                 "device": "cpu", "precision": "fp32", "patience": 3, "cpu_threads": 2,
-                "compile": True, "optimizer": "adamw", "eval_batch_size": 16,
+                "compile": True, "optimizer": "adamw", "eval_batch_size": 16, "parallel": "fsdp",
             },
         }
     )  # fmt: skip
