@@ -39,9 +39,12 @@ pipeline: setup
 	dvc repro
 	$(BIN)/python -m stages.core.tracking.complete
 
-# Everything but the team-stack tests (those need PostgreSQL: `make test-team`).
+# Everything but the team-stack tests (those need PostgreSQL: `make test-team`), on
+# PYTEST_WORKERS processes (pytest-xdist; worksteal hands the long e2e tests out first-come).
+# Every session fixture is per worker: each builds its own pristine repo and MLflow store.
+PYTEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -m "not team"
+	$(BIN)/python -m pytest -m "not team" -n $(PYTEST_WORKERS) --dist worksteal
 
 # The unit tests only (no real `dvc` runs): seconds, for the edit-test loop.
 test-fast: setup
