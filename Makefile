@@ -40,7 +40,7 @@ pipeline: setup
 	$(BIN)/python -m stages.core.tracking.complete
 
 # Everything but the team-stack tests (those need PostgreSQL: `make test-team`), on
-# PYTEST_WORKERS processes (pytest-xdist; worksteal hands the long e2e tests out first-come).
+# PYTEST_WORKERS processes (pytest-xdist; with worksteal, an idle worker takes tests still queued on the other).
 # Every session fixture is per worker: each builds its own pristine repo and MLflow store.
 PYTEST_WORKERS ?= 2
 test: setup
