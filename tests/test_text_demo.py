@@ -64,8 +64,10 @@ def test_sentiment_label_refuses_what_is_neither(rating: str) -> None:
 def test_prepare_unescapes_maps_labels_and_is_deterministic(tmp_path: Path, capsys) -> None:
     archive, model = tiny_zip(tmp_path / "drugsCom.zip"), fake_model(tmp_path / "hf")
     csv, copy = tmp_path / "out/drugs.csv", tmp_path / "out/minilm"
+    topics = tmp_path / "out/conditions.csv"
     argv = ["prepare", "--zip", str(archive), "--model", str(model)]
     argv += ["--csv", str(csv), "--model-dir", str(copy)]
+    argv += ["--conditions-csv", str(topics), "--conditions", "2"]
     assert text_demo.main(argv) == 0
     frame = pd.read_csv(csv, keep_default_na=False)
     assert frame.columns.tolist() == ["review", "condition", "sentiment"]
@@ -79,11 +81,37 @@ def test_prepare_unescapes_maps_labels_and_is_deterministic(tmp_path: Path, caps
     assert frame["sentiment"].tolist() == ["neutral", "positive", "positive", "negative"]
     assert frame["condition"].tolist() == ["Birth Control", "", "Pain", "Migraine"]
     assert sorted(p.name for p in copy.iterdir()) == sorted(text_demo.MODEL_FILES)
-    assert "4 reviews (negative 1, neutral 1, positive 2)" in capsys.readouterr().out
-    first = csv.read_bytes()
+    out = capsys.readouterr().out
+    assert "4 reviews (negative 1, neutral 1, positive 2)" in out
+    # Three named conditions, one review each: the tie goes by name, the blank one never counts
+    assert f"{topics}: 2 reviews (Birth Control 1, Migraine 1)" in out
+    assert pd.read_csv(topics).to_dict("list") == {
+        "review": ['So-so "results".', "Made me sick, I'd avoid it."],
+        "condition": ["Birth Control", "Migraine"],
+    }
+    first, first_topics = csv.read_bytes(), topics.read_bytes()
     assert b"&#039;" not in first and b"\r\n" not in first
     assert text_demo.main(argv) == 0
-    assert csv.read_bytes() == first
+    assert csv.read_bytes() == first and topics.read_bytes() == first_topics
+
+
+def test_top_conditions_keeps_the_most_frequent_in_file_order() -> None:
+    frame = pd.DataFrame(
+        {
+            "review": list("abcdefg"),
+            "condition": ["Pain", "Acne", "", "Pain", "Acne", "Gout", ""],
+            "sentiment": ["positive"] * 7,
+        }
+    )
+    kept = text_demo.top_conditions(frame, 2)
+    assert kept.to_dict("list") == {
+        "review": ["a", "b", "d", "e"],
+        "condition": ["Pain", "Acne", "Pain", "Acne"],
+    }
+    with pytest.raises(DataError, match="--conditions 4: the reviews name only 3 conditions"):
+        text_demo.top_conditions(frame, 4)
+    with pytest.raises(DataError, match="at least 2"):
+        text_demo.top_conditions(frame, 1)
 
 
 def test_prepare_without_the_extra_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -111,15 +139,26 @@ def test_prepare_refuses_a_zip_without_the_columns(tmp_path: Path, capsys) -> No
 
 def test_the_demo_command_sets_only_keys_params_yaml_has() -> None:
     shipped = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    line = text_demo.command({"finetune.shots_per_class": "8"})
-    assert line.startswith("dvc exp run -S ")
+    for task in text_demo.TASKS:
+        line = text_demo.command(text_demo.TASKS[task] | {"finetune.shots_per_class": "8"})
+        assert line.startswith("dvc exp run -S ")
+        settings = dict(part.split("=", 1) for part in line.split(" -S ")[1:])
+        assert settings["finetune.shots_per_class"] == "8"
+        for key in settings:
+            node = shipped
+            for part in key.split("."):
+                assert part in node, f"{key}: not in params.yaml"
+                node = node[part]
+
+
+def test_the_condition_task_command_reads_the_topic_csv(capsys) -> None:
+    assert text_demo.main(["command", "--task", "condition", "--shots", "4"]) == 0
+    line = capsys.readouterr().out.strip()
     settings = dict(part.split("=", 1) for part in line.split(" -S ")[1:])
-    assert settings["finetune.shots_per_class"] == "8"
-    for key in settings:
-        node = shipped
-        for part in key.split("."):
-            assert part in node, f"{key}: not in params.yaml"
-            node = node[part]
+    assert settings["data.source"] == "data/source/drug-conditions.csv"
+    assert settings["data.label"] == "condition"
+    assert settings["finetune.shots_per_class"] == "4"
+    assert settings["data.text_column"] == "review"
 
 
 def test_the_demo_extra_is_pinned_apart_from_the_default_install() -> None:
@@ -149,14 +188,17 @@ def _installed(distribution: str) -> bool:
     reason="the demo extra is not installed (make demo-setup)",
 )
 def test_prepare_from_the_installed_wheels(tmp_path: Path) -> None:
-    csv, copy = tmp_path / "drugs.csv", tmp_path / "minilm"
-    assert text_demo.main(["prepare", "--csv", str(csv), "--model-dir", str(copy)]) == 0
+    csv, copy, topics = tmp_path / "drugs.csv", tmp_path / "minilm", tmp_path / "topics.csv"
+    argv = ["prepare", "--csv", str(csv), "--model-dir", str(copy)]
+    assert text_demo.main([*argv, "--conditions-csv", str(topics)]) == 0
     frame = pd.read_csv(csv)
     assert len(frame) == 978  # 979 reviews, one of them in both files
     counts = frame["sentiment"].value_counts().to_dict()
     assert counts == {"positive": 632, "negative": 256, "neutral": 90}
     assert not frame["review"].str.contains("&#039;").any()
     assert (copy / "model.safetensors").stat().st_size > 80_000_000
+    conditions = pd.read_csv(topics)["condition"].value_counts().to_dict()
+    assert conditions == {"Birth Control": 192, "Depression": 53, "Pain": 44, "Acne": 42}
 
 
 def test_table_rows_read_evaluate_json() -> None:
