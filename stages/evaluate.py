@@ -19,7 +19,7 @@ from stages.core.common.io import write_csv, write_json, write_text
 from stages.core.common.params import load_params
 from stages.core.common.schema import LABEL, TEXT
 from stages.core.data.splitting import PARTS
-from stages.core.evaluation.baselines import classical_baseline, compare_on_draws
+from stages.core.evaluation.baselines import compare_on_draws
 from stages.core.evaluation.figures import draw_figures
 from stages.core.evaluation.gates import gates
 from stages.core.evaluation.metrics import per_class_scores
@@ -31,9 +31,7 @@ from stages.core.evaluation.text_scoring import (
     compare_text_draws,
     confident_mistakes,
     score_text_model,
-    tfidf_baseline,
 )
-from stages.core.modeling.finetuning import sample_shots
 from stages.core.modeling.model import load_model
 from stages.core.modeling.text import is_text_model, load_text_model
 from stages.core.modeling.text_training import tokenize_rows
@@ -65,7 +63,6 @@ def main() -> None:
             evaluate_registered, test_path, tuned_config.feature_names, tuned_scored.proba, classes
         )
         draws = compare_on_draws(base, base_config, (tuned, tuned_config), target, params)
-        shots = sample_shots(target["train"], params.finetune.shots_per_class, params.finetune.seed)
         zero_shot = None
         if set(target["test"][LABEL]) <= set(base_config.classes):
             zero_shot = predictions(base, base_config, target["test"])
@@ -73,7 +70,6 @@ def main() -> None:
             base=score_model(base, base_config, base_test),
             finetuned=tuned_scored,
             draws=draws,
-            sklearn=classical_baseline(shots, target["test"], tuned_config.feature_names),
             zero_shot=zero_shot,
             params=params.evaluate,
         )
@@ -141,7 +137,6 @@ def evaluate_text(params, run, base_test: pd.DataFrame, target: dict) -> None:
     classes = tuned_config.classes
     run.send(evaluate_registered, test_path, [TEXT], tuned_scored.proba, classes)
     draws = compare_text_draws(base, tuned_scored, target, params)
-    shots = sample_shots(target["train"], params.finetune.shots_per_class, params.finetune.seed)
     base_trained = params.train.objective == "classify"  # none, mlm, clm: no trained head
     zero_shot = None
     covered = set(target["test"][LABEL]) <= set(base[2].classes)
@@ -154,7 +149,6 @@ def evaluate_text(params, run, base_test: pd.DataFrame, target: dict) -> None:
         base=score_text_model(*base, base_test) if base_trained else None,
         finetuned=tuned_scored,
         draws=draws,
-        sklearn=tfidf_baseline(shots, target["test"]),
         zero_shot=zero_shot,
         params=params.evaluate,
         checkpoint=checkpoint_draws(tuned_config, target, params) if adapted else None,

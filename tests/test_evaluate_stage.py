@@ -169,8 +169,16 @@ def test_passing_run_writes_the_same_bytes_twice(inputs, isolated_env, capfd, mo
         "sklearn",
         "transfer_gain",
         "transfer",
+        "versus_sklearn",
     }
     assert metrics["finetuned"]["support"] == metrics["base"]["support"] == 36
+    # The same draws against scikit-learn: the fine-tuned side is the transfer summary's
+    versus = metrics["versus_sklearn"]
+    assert versus["draws"] == 2
+    assert versus["finetuned_mean"] == metrics["transfer"]["finetuned_mean"]
+    assert versus["gain_mean"] == pytest.approx(
+        versus["finetuned_mean"] - versus["sklearn_mean"], abs=2e-6
+    )
     assert metrics["transfer"]["draws"] == 2
     # Two draws with gains g1, g2: the t-interval of their mean is mean -+ t(0.975, 1) * |g1 - g2|
     # / 2 with t = 12.706205, and |g1 - g2| / 2 = mean - min

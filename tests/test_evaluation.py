@@ -228,18 +228,19 @@ def test_evaluation_metrics_blocks() -> None:
         predicted = np.where(rng.random(60) < accuracy, actual, (actual + 1) % 3)
         return pd.DataFrame({"actual": actual, "predicted": predicted})
 
-    tuned, scratch = noisy(0.9), noisy(0.7)
-    draws = [Draw(42, tuned, scratch), Draw(43, noisy(0.9), noisy(0.8))]
+    tuned, scratch, sklearn = noisy(0.9), noisy(0.7), noisy(0.8)
+    draws = [Draw(42, tuned, scratch, sklearn), Draw(43, noisy(0.9), noisy(0.8), noisy(0.6))]
     params = EvaluateParams(bootstrap_resamples=300, bootstrap_seed=1)
     metrics = evaluation_metrics(
         base=_scored(noisy(0.95), [0, 1, 2]),
         finetuned=_scored(tuned, [0, 1, 2]),
         draws=draws,
-        sklearn=noisy(0.8),
         zero_shot=None,
         params=params,
     )
-    assert set(metrics) == {"base", "finetuned", "scratch", "sklearn", "transfer_gain", "transfer"}
+    assert set(metrics) == {
+        "base", "finetuned", "scratch", "sklearn", "transfer_gain", "transfer", "versus_sklearn",
+    }  # fmt: skip
     for key in ("base", "finetuned"):
         assert set(metrics[key]) == COMMON | INTERVALS | DETAILED
     for key in ("scratch", "sklearn"):
@@ -253,11 +254,22 @@ def test_evaluation_metrics_blocks() -> None:
     gain = accuracy(tuned) - accuracy(scratch)
     assert metrics["transfer_gain"] == pytest.approx(gain, abs=1e-6)
     assert metrics["transfer"]["draws"] == 2
+    # sklearn's block is the shipped draw's; versus_sklearn averages the gain over both draws
+    assert metrics["sklearn"]["accuracy"] == pytest.approx(accuracy(sklearn), abs=1e-6)
+    versus = metrics["versus_sklearn"]
+    tuned_two = [accuracy(tuned), accuracy(draws[1].finetuned)]
+    sklearn_two = [accuracy(sklearn), accuracy(draws[1].sklearn)]
+    assert versus["draws"] == 2
+    assert versus["finetuned_mean"] == pytest.approx(sum(tuned_two) / 2, abs=1e-6)
+    assert versus["sklearn_mean"] == pytest.approx(sum(sklearn_two) / 2, abs=1e-6)
+    gains = [t - k for t, k in zip(tuned_two, sklearn_two, strict=True)]
+    assert versus["gain_min"] == pytest.approx(min(gains), abs=1e-6)
+    assert versus["gain_ci95_low"] < versus["gain_mean"] < versus["gain_ci95_high"]
     block = metrics["finetuned"]
     assert block["accuracy_ci95_low"] < block["accuracy"] < block["accuracy_ci95_high"]
     # Same seed, same rows: the same resamples, so a model's interval is reproducible
     again = evaluation_metrics(
-        _scored(noisy(0.95), [0, 1, 2]), _scored(tuned, [0, 1, 2]), draws, noisy(0.8), None, params
+        _scored(noisy(0.95), [0, 1, 2]), _scored(tuned, [0, 1, 2]), draws, None, params
     )
     assert again["finetuned"] == metrics["finetuned"]
     assert again["scratch"] == metrics["scratch"]

@@ -386,10 +386,9 @@ def test_evaluate_compares_with_the_checkpoint_before_pretraining(tiny_checkpoin
         base=None,
         finetuned=Scored(pairs=right, proba=proba, classes=["neg", "pos"]),
         draws=[
-            Draw(seed=5, finetuned=right, scratch=wrong),
-            Draw(seed=6, finetuned=wrong, scratch=wrong),
+            Draw(seed=5, finetuned=right, scratch=wrong, sklearn=wrong),
+            Draw(seed=6, finetuned=wrong, scratch=wrong, sklearn=wrong),
         ],  # fmt: skip
-        sklearn=wrong,
         zero_shot=None,
         params=params.evaluate,
         checkpoint=draws,

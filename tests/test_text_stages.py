@@ -151,7 +151,7 @@ def test_the_report_shows_the_mistakes_and_all_rows(tmp_path) -> None:
                            "finetune": {"shots_per_class": None},
                            "evaluate": {"bootstrap_resamples": 100}})  # fmt: skip
     metrics = evaluation_metrics(
-        None, scored, [Draw(42, pairs, pairs)], pairs, None, params.evaluate
+        None, scored, [Draw(42, pairs, pairs, pairs)], None, params.evaluate
     )
     assert "base" not in metrics and "zero_shot" not in metrics
     checked = gates(metrics, params.evaluate, base_gate=False)
@@ -160,6 +160,11 @@ def test_the_report_shows_the_mistakes_and_all_rows(tmp_path) -> None:
     assert "fine-tuned on all labelled examples per class" in report
     assert "## Most confident mistakes" in report
     assert "| sklearn | TF-IDF + logistic regression on the same shots |" in report
+    assert (
+        "The fine-tuned model beats scikit-learn's logistic regression (`sklearn`) fitted on the "
+        "same shots by **+0.000** accuracy, averaged over 1 draws of the same shots (no interval "
+        "with a single draw; worst draw +0.000; means 0.750 against 0.750)."
+    ) in report
     assert "| a \\| b | a | b | 0.700 |" in report
     confidence = report.split("## Confidence")[1].split("## Gates")[0]
     assert "| finetuned |" in confidence and "| base |" not in confidence

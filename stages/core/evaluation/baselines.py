@@ -53,12 +53,14 @@ def classical_baseline(
 
 @dataclass(frozen=True)
 class Draw:
-    """One draw of the shots: its seed and the test predictions of the model fine-tuned on it
-    and of the same network trained from scratch on it."""
+    """One draw of the shots: its seed and the test predictions of the model fine-tuned on it,
+    of the same network trained from scratch on it, and of scikit-learn's baseline fitted on
+    it (a logistic regression on the features; TF-IDF and one on texts)."""
 
     seed: int
     finetuned: pd.DataFrame
     scratch: pd.DataFrame
+    sklearn: pd.DataFrame
 
 
 def compare_on_draws(
@@ -68,7 +70,8 @@ def compare_on_draws(
     target: dict[str, pd.DataFrame],
     params: Params,
 ) -> list[Draw]:
-    """Fine-tuning vs training from scratch, on the same shots, for ``evaluate.draws`` draws.
+    """Fine-tuning vs training from scratch and vs scikit-learn's logistic regression, on the
+    same shots, for ``evaluate.draws`` draws.
 
     Draw ``i`` samples its shots from ``target["train"]`` with seed ``finetune.seed + i``;
     draw 0 is the shipped fine-tuned model's own draw, so it is scored rather than retrained.
@@ -93,15 +96,16 @@ def compare_on_draws(
                 seed=seed,
                 finetuned=predictions(tuned, tuned_config, target["test"]),
                 scratch=predictions(scratch, scratch_config, target["test"]),
+                sklearn=classical_baseline(shots, target["test"], tuned_config.feature_names),
             )
         )
     return draws
 
 
-def draw_accuracies(draws: list[Draw]) -> tuple[list[float], list[float]]:
-    """The fine-tuned and the scratch accuracy of each draw, in draw order."""
-    finetuned = [scores(d.finetuned)["accuracy"] for d in draws]
-    return finetuned, [scores(d.scratch)["accuracy"] for d in draws]
+def draw_accuracies(draws: list[Draw], model: str) -> list[float]:
+    """The accuracy of ``model`` (``finetuned``, ``scratch`` or ``sklearn``) on each draw, in
+    draw order."""
+    return [scores(getattr(d, model))["accuracy"] for d in draws]
 
 
 def summarize_draws(

@@ -95,27 +95,46 @@ def _transfer_lines(metrics: Mapping, params: Params) -> list[str]:
     ]
 
 
+def _versus_lines(metrics: Mapping, key: str, baseline: str, lead: str) -> list[str]:
+    """One sentence on ``metrics[key]``, a :func:`summarize_draws` summary of the fine-tuned
+    model's gain over ``baseline`` (its ``{baseline}_mean``) on the same draws; none without
+    it. ``lead`` is the sentence's subject and verb, with ``{verb}`` for beats or trails."""
+    if key not in metrics:
+        return []
+    summary = metrics[key]
+    interval = (
+        "no interval with a single draw"
+        if summary["gain_ci95_low"] is None
+        else f"95% t-interval {_number(summary['gain_ci95_low'], True)} to "
+        f"{_number(summary['gain_ci95_high'], True)}"
+    )
+    verb = "beats" if summary["gain_mean"] >= 0 else "trails"
+    return [
+        "",
+        f"{lead.format(verb=verb)} by **{_number(summary['gain_mean'], True)}** accuracy, "
+        f"averaged over {summary['draws']} draws of the same shots ({interval}; worst draw "
+        f"{_number(summary['gain_min'], True)}; means {_number(summary['finetuned_mean'])} "
+        f"against {_number(summary[f'{baseline}_mean'])}).",
+    ]
+
+
+def _sklearn_lines(metrics: Mapping) -> list[str]:
+    """The fine-tuned model against scikit-learn's baseline, over the draws."""
+    lead = (
+        "The fine-tuned model {verb} scikit-learn's logistic regression (`sklearn`) fitted on "
+        "the same shots"
+    )
+    return _versus_lines(metrics, "versus_sklearn", "sklearn", lead)
+
+
 def _adaptive_lines(metrics: Mapping) -> list[str]:
     """Whether this run's pretraining of a downloaded checkpoint helped the task, over the
     draws (none without ``adaptive_pretraining``)."""
-    if "adaptive_pretraining" not in metrics:
-        return []
-    adaptive = metrics["adaptive_pretraining"]
-    interval = (
-        "no interval with a single draw"
-        if adaptive["gain_ci95_low"] is None
-        else f"95% t-interval {_number(adaptive['gain_ci95_low'], True)} to "
-        f"{_number(adaptive['gain_ci95_high'], True)}"
+    lead = (
+        "Pretraining the checkpoint on this corpus first {verb} fine-tuning the checkpoint as "
+        "it was"
     )
-    verb = "beats" if adaptive["gain_mean"] >= 0 else "trails"
-    return [
-        "",
-        f"Pretraining the checkpoint on this corpus first {verb} fine-tuning the checkpoint as "
-        f"it was by **{_number(adaptive['gain_mean'], True)}** accuracy, averaged over "
-        f"{adaptive['draws']} draws of the same shots ({interval}; worst draw "
-        f"{_number(adaptive['gain_min'], True)}; means {_number(adaptive['finetuned_mean'])} "
-        f"against {_number(adaptive['checkpoint_mean'])}).",
-    ]
+    return _versus_lines(metrics, "adaptive_pretraining", "checkpoint", lead)
 
 
 def _confidence_lines(metrics: Mapping) -> list[str]:
@@ -208,6 +227,7 @@ def render_report(
         "## Transfer",
         "",
         *_transfer_lines(metrics, params),
+        *_sklearn_lines(metrics),
         *_adaptive_lines(metrics),
         "",
         "## Worst classes",

@@ -22,13 +22,14 @@ def evaluation_metrics(
     base: Scored | None,
     finetuned: Scored,
     draws: list[Draw],
-    sklearn: pd.DataFrame,
     zero_shot: pd.DataFrame | None,
     params: EvaluateParams,
     checkpoint: list[pd.DataFrame] | None = None,
 ) -> dict:
-    """The content of metrics/evaluate.json: one block per model, the transfer gain on the
-    shipped draw and its summary over all draws.
+    """The content of metrics/evaluate.json: one block per model (``scratch`` and ``sklearn``
+    on the shipped draw), the transfer gain on the shipped draw and its summary over all draws,
+    and ``versus_sklearn``: the fine-tuned model's gain over scikit-learn's baseline fitted on
+    the same shots, summarised over the draws the same way.
 
     Every block holds :func:`scores` and bootstrap intervals of accuracy, recall_macro and
     f1_macro (seeded, the same resamples for models scored on the same rows); ``base`` and
@@ -47,14 +48,18 @@ def evaluation_metrics(
     def detailed(scored: Scored) -> dict:
         return block(scored.pairs) | detailed_scores(scored.pairs, scored.proba, scored.classes)
 
-    finetuned_accuracy, scratch_accuracy = draw_accuracies(draws)
+    finetuned_accuracy = draw_accuracies(draws, "finetuned")
+    scratch_accuracy = draw_accuracies(draws, "scratch")
     metrics = {
         **({"base": detailed(base)} if base is not None else {}),
         "finetuned": detailed(finetuned),
         "scratch": block(draws[0].scratch),
-        "sklearn": block(sklearn),
+        "sklearn": block(draws[0].sklearn),
         "transfer_gain": round(finetuned_accuracy[0] - scratch_accuracy[0], 6),
         "transfer": summarize_draws(finetuned_accuracy, scratch_accuracy),
+        "versus_sklearn": summarize_draws(
+            finetuned_accuracy, draw_accuracies(draws, "sklearn"), "sklearn"
+        ),
     }
     if zero_shot is not None:
         metrics["zero_shot"] = block(zero_shot)

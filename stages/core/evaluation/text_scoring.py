@@ -54,10 +54,11 @@ def compare_text_draws(
     target: dict[str, pd.DataFrame],
     params: Params,
 ) -> list[Draw]:
-    """Fine-tuning the base model vs the same architecture from random weights, on the same
-    rows, for ``evaluate.draws`` draws (seed ``finetune.seed + i``; draw 0 is the shipped
-    model, scored rather than retrained). With ``finetune.shots_per_class: null`` every draw
-    trains on every row, and the draws differ in their seeds only (head, order, dropout)."""
+    """Fine-tuning the base model vs the same architecture from random weights and vs TF-IDF
+    with a logistic regression, on the same rows, for ``evaluate.draws`` draws (seed
+    ``finetune.seed + i``; draw 0 is the shipped model, scored rather than retrained). With
+    ``finetune.shots_per_class: null`` every draw trains on every row, and the draws differ in
+    their seeds only (head, order, dropout; TF-IDF is then the same on every draw)."""
     model, tokenizer, config = base
     test = target["test"]
     draws = []
@@ -73,7 +74,9 @@ def compare_text_draws(
             model, tokenizer, config, shots, target["val"], params, seed, keep_body=False
         )
         scratch_pairs = score_text_model(scratch.model, tokenizer, scratch.config, test).pairs
-        draws.append(Draw(seed=seed, finetuned=tuned, scratch=scratch_pairs))
+        draws.append(
+            Draw(seed, finetuned=tuned, scratch=scratch_pairs, sklearn=tfidf_baseline(shots, test))
+        )
     return draws
 
 
