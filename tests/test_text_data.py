@@ -97,6 +97,10 @@ def test_shots_per_class_may_be_null() -> None:
             {"data": {"text_column": "label", "image_shape": None}},
             "params.yaml: data.text_column: 'label' is also data.label or data.domain_column",
         ),
+        (
+            {"model": {"arch": "hf", "pretrained": "m", "dropout": 0.2}},
+            "params.yaml: model.dropout: 0.2 applies to mlp, cnn and transformer; arch hf keeps",
+        ),
         ({"validate": {"text_length": [5, 2]}}, "params.yaml: validate.text_length: must be"),
         ({"validate": {"text_length": [-1, 2]}}, "params.yaml: validate.text_length: must be"),
         ({"validate": {"text_length": "long"}}, "params.yaml: validate.text_length: "),
@@ -104,6 +108,12 @@ def test_shots_per_class_may_be_null() -> None:
 )
 def test_bad_text_params_are_one_line_naming_the_key(raw: dict, expected: str) -> None:
     assert _params_error(raw).startswith(expected)
+
+
+def test_dropout_stays_for_the_archs_that_use_it() -> None:
+    assert parse_params({"model": {"arch": "mlp", "dropout": 0.2}}).model.dropout == 0.2
+    hf = parse_params({"model": {"arch": "hf", "pretrained": "m", "dropout": 0.0}})
+    assert hf.model.dropout == 0.0
 
 
 def _text_params(source: str, **overrides) -> DataParams:

@@ -533,6 +533,17 @@ class Params(_Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _hf_keeps_its_dropout(self) -> Params:
+        # A Hugging Face model's dropout is its config's (the checkpoint's, or the family's
+        # default from scratch): a model.dropout that did nothing would mislead.
+        if self.model.arch == "hf" and self.model.dropout:
+            raise ValueError(
+                f"model.dropout: {self.model.dropout} applies to mlp, cnn and transformer; arch "
+                "hf keeps its config's dropout (set model.dropout to 0)"
+            )
+        return self
+
     def section(self, name: str) -> dict:
         """One section as plain data, keyed as in params.yaml."""
         return getattr(self, "validate_" if name == "validate" else name).model_dump(mode="json")
