@@ -84,7 +84,9 @@ def main() -> None:
             shots = sample_shots(target["train"], params.finetune.shots_per_class, seed)
             shipped = fine_tune(base, config, shots, target["val"], params, seed)
             draws = compare_on_draws(base, config, shipped[:2], target, params)
-            summary = summarize_draws(*draw_accuracies(draws))
+            summary = summarize_draws(
+                draw_accuracies(draws, "finetuned"), draw_accuracies(draws, "scratch")
+            )
             seconds = time.perf_counter() - started
             row = {
                 "arch": arch,
