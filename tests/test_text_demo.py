@@ -151,14 +151,29 @@ def test_the_demo_command_sets_only_keys_params_yaml_has() -> None:
                 node = node[part]
 
 
+def _settings(line: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in line.split(" -S ")[1:])
+
+
 def test_the_condition_task_command_reads_the_topic_csv(capsys) -> None:
-    assert text_demo.main(["command", "--task", "condition", "--shots", "4"]) == 0
-    line = capsys.readouterr().out.strip()
-    settings = dict(part.split("=", 1) for part in line.split(" -S ")[1:])
+    assert text_demo.main(["command", "--task", "condition"]) == 0
+    settings = _settings(capsys.readouterr().out.strip())
     assert settings["data.source"] == "data/source/drug-conditions.csv"
     assert settings["data.label"] == "condition"
-    assert settings["finetune.shots_per_class"] == "4"
     assert settings["data.text_column"] == "review"
+    assert settings["finetune.shots_per_class"] == "4" and settings["evaluate.draws"] == "5"
+    assert text_demo.main(["command", "--task", "condition", "--shots", "8"]) == 0
+    assert _settings(capsys.readouterr().out.strip())["finetune.shots_per_class"] == "8"
+    assert text_demo.main(["command"]) == 0
+    sentiment = _settings(capsys.readouterr().out.strip())
+    assert sentiment["data.label"] == "sentiment" and sentiment["finetune.shots_per_class"] == "16"
+
+
+def test_the_docs_show_the_commands_the_script_prints() -> None:
+    """docs/text-demo.md's two `dvc exp run` lines are what `command` prints for each task."""
+    page = (REPO_ROOT / "docs/text-demo.md").read_text().replace("\\\n", " ")
+    shown = [" ".join(line.split()) for line in page.splitlines() if "dvc exp run -S" in line]
+    assert shown == [text_demo.command(text_demo.TASKS["condition"]), text_demo.command()]
 
 
 def test_the_demo_extra_is_pinned_apart_from_the_default_install() -> None:
@@ -212,6 +227,13 @@ def test_table_rows_read_evaluate_json() -> None:
     rows = text_demo.table_rows(evaluate, "8 shots")
     assert rows[0] == "| 8 shots | finetuned | 0.500 [0.400, 0.600] | 0.250 [0.200, 0.300] |"
     assert [row.split(" | ")[1] for row in rows] == [
-        "finetuned", "scratch", "sklearn", "mean of 3 draws",
+        "finetuned", "scratch", "sklearn", "mean of 3 draws, against scratch",
     ]  # fmt: skip
     assert rows[-1].endswith("| gain +0.250 [-0.100, +0.600] |")
+    versus = {"draws": 3, "finetuned_mean": 0.5, "sklearn_mean": 0.375, "gain_mean": 0.125}
+    versus |= {"gain_ci95_low": 0.05, "gain_ci95_high": 0.2}
+    rows = text_demo.table_rows(evaluate | {"versus_sklearn": versus}, "8 shots")
+    assert rows[-1] == (
+        "| 8 shots | mean of 3 draws, against TF-IDF | fine-tuned 0.500, TF-IDF 0.375 "
+        "| gain +0.125 [+0.050, +0.200] |"
+    )
