@@ -145,7 +145,6 @@ DEMO_PARAMS: dict = {
         "arch": "hf",
         "pretrained": None,
         "max_length": 128,
-        "dropout": 0.1,
         "hf": {
             "model_type": "bert",
             "hidden_size": 128,

@@ -191,6 +191,13 @@ def command(overrides: dict[str, str] | None = None) -> str:
     return "dvc exp run " + " ".join(f"-S {key}={value}" for key, value in settings.items())
 
 
+def _interval(summary: dict) -> str:
+    """A summary's t-interval as ``[low, high]``; none with a single draw."""
+    if summary["gain_ci95_low"] is None:
+        return "(one draw: no interval)"
+    return f"[{summary['gain_ci95_low']:+.3f}, {summary['gain_ci95_high']:+.3f}]"
+
+
 def table_rows(evaluate: dict, label: str) -> list[str]:
     """Markdown rows of ``metrics/evaluate.json``: accuracy and macro F1 with their 95%
     intervals for the fine-tuned model, the scratch baseline and TF-IDF (the shipped draw),
@@ -212,7 +219,7 @@ def table_rows(evaluate: dict, label: str) -> list[str]:
         rows.append(
             f"| {label} | mean of {t['draws']} draws, against {name} | fine-tuned "
             f"{t['finetuned_mean']:.3f}, {name} {t[f'{other}_mean']:.3f} | gain "
-            f"{t['gain_mean']:+.3f} [{t['gain_ci95_low']:+.3f}, {t['gain_ci95_high']:+.3f}] |"
+            f"{t['gain_mean']:+.3f} {_interval(t)} |"
         )
     return rows
 
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     table = sub.add_parser("table", help="print metrics/evaluate.json as markdown rows")
     table.add_argument("path", type=Path, nargs="?", default=Path("metrics/evaluate.json"))
-    table.add_argument("--label", default="16 shots/class", help="the rows' first cell")
+    table.add_argument("--label", default="this run", help="the rows' first cell (e.g. T1)")
     args = parser.parse_args(argv)
     try:
         if args.action == "table":

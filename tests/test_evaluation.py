@@ -367,13 +367,27 @@ def test_compare_on_draws_scores_the_shipped_model_then_retrains() -> None:
             tuned.body.requires_grad_(False)
             _adam_by_hand(tuned, shots_i, epochs, lr, seed)
             assert draw.finetuned["predicted"].tolist() == _predicted_by_hand(tuned, target["test"])
-        for pairs in (draw.finetuned, draw.scratch):
+        # sklearn: a scaled logistic regression fitted on the draw's shots, by hand
+        from sklearn.linear_model import LogisticRegression
+
+        regression = LogisticRegression(max_iter=2000).fit(
+            (x - x.mean(0)) / x.std(0), shots_i["label"]
+        )
+        test_x = target["test"][FEATURES].to_numpy()
+        by_hand = regression.predict((test_x - x.mean(0)) / x.std(0))
+        assert draw.sklearn["predicted"].tolist() == by_hand.tolist()
+        for pairs in (draw.finetuned, draw.scratch, draw.sklearn):
             assert pairs["actual"].tolist() == actual
+    # every draw refits sklearn on its own shots
+    assert not draws[1].sklearn.equals(draws[0].sklearn) or not draws[2].sklearn.equals(
+        draws[0].sklearn
+    )
     # the retrained draws differ from the shipped one: they did retrain
     assert not draws[1].finetuned.equals(draws[0].finetuned)
     again = compare_on_draws(base, base_config, (shipped, shipped_config), target, params)
     for first, second in zip(draws, again, strict=True):  # seeded: the same predictions
         assert first.finetuned.equals(second.finetuned) and first.scratch.equals(second.scratch)
+        assert first.sklearn.equals(second.sklearn)
 
 
 def _tensors(frame: pd.DataFrame, config: ModelConfig):

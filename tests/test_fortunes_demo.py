@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -90,6 +91,15 @@ def test_a_missing_category_is_an_error(tmp_path) -> None:
     (folder / "sports").unlink()
     with pytest.raises(demo.MissingFortunes, match="sports"):
         demo.build(folder)
+
+
+def test_the_demo_params_pass_the_params_check() -> None:
+    from stages.core.common.params import parse_params
+
+    shipped = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = parse_params(demo.demo_params(shipped, []))
+    assert params.model.arch == "hf" and params.train.objective == "mlm"
+    assert params.model.tokenizer.kind == "wordpiece"
 
 
 def test_demo_params_overlay_and_overrides() -> None:

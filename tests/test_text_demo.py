@@ -237,3 +237,6 @@ def test_table_rows_read_evaluate_json() -> None:
         "| 8 shots | mean of 3 draws, against TF-IDF | fine-tuned 0.500, TF-IDF 0.375 "
         "| gain +0.125 [+0.050, +0.200] |"
     )
+    one = transfer | {"draws": 1, "gain_ci95_low": None, "gain_ci95_high": None}
+    rows = text_demo.table_rows(evaluate | {"transfer": one}, "1 draw")
+    assert rows[-1].endswith("| gain +0.250 (one draw: no interval) |")
