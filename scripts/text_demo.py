@@ -142,14 +142,18 @@ def read_reviews(archive: Path) -> pd.DataFrame:
     return frame.drop_duplicates("review", ignore_index=True)
 
 
+def ranked_counts(values: pd.Series) -> list[tuple[str, int]]:
+    """Each value of ``values`` with its count, the most frequent first (ties by name)."""
+    return sorted(values.value_counts().items(), key=lambda item: (-item[1], item[0]))
+
+
 def top_conditions(frame: pd.DataFrame, count: int) -> pd.DataFrame:
     """The ``review, condition`` rows of ``frame`` whose condition is one of the ``count`` most
     frequent (ties by name; a blank condition is never one), in ``frame``'s order."""
     if count < 2:
         raise DataError(f"--conditions {count}: a classifier needs at least 2 conditions")
     named = frame[frame["condition"].str.strip() != ""]
-    counts = named["condition"].value_counts()
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    ranked = ranked_counts(named["condition"])
     if len(ranked) < count:
         raise DataError(f"--conditions {count}: the reviews name only {len(ranked)} conditions")
     kept = {name for name, _ in ranked[:count]}
@@ -271,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = ", ".join(
         f"{k} {v}" for k, v in frame["sentiment"].value_counts().sort_index().items()
     )
-    ranked = sorted(topics["condition"].value_counts().items(), key=lambda i: (-i[1], i[0]))
-    topic_counts = ", ".join(f"{k} {v}" for k, v in ranked)
+    topic_counts = ", ".join(f"{k} {v}" for k, v in ranked_counts(topics["condition"]))
     print(f"{args.csv}: {len(frame)} reviews ({counts})")
     print(f"{args.conditions_csv}: {len(topics)} reviews ({topic_counts})")
     print(f"{args.model_dir}: {len(MODEL_FILES)} files")
