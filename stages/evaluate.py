@@ -7,7 +7,7 @@ from stages.core.tracking.runs import start_worker
 # First, before the imports below: MLflow's worker process starts and imports mlflow
 # (and what logging the model needs) on another core meanwhile.
 if __name__ == "__main__":
-    start_worker("stages.core.tracking.model_evaluation", "stages.core.tracking.serving")
+    start_worker("stages.core.tracking.model_evaluation", "stages.core.tracking.serving:prepare")
 
 
 import pandas as pd

@@ -223,3 +223,26 @@ def test_racing_promotions_leave_the_better_model_champion(logged_uri: str) -> N
     champion = client.get_model_version_by_alias(name, CHAMPION)
     assert int(champion.version) == better
     assert champion.tags["finetuned.accuracy"] == "0.900000"
+
+
+def test_prepare_keeps_mlflows_requirement_check(monkeypatch, capfd) -> None:
+    """serving.prepare gives MLflow a module map of our requirements only (not the 0.8 s scan
+    of every installed package): logging and loading a model still checks each of them against
+    the installed versions, finding the distribution under its own name (pyyaml as yaml)."""
+    from mlflow.utils import requirements_utils
+
+    from stages.core.tracking.serving import prepare, requirements
+
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    prepare()
+    modules = requirements_utils._MODULES_TO_PACKAGES
+    assert modules["yaml"] == ["pyyaml"] and modules["torch"] == ["torch"]
+    assert "sklearn" not in modules  # the scan of every package did not run
+    pins = requirements(text=True, adapter=True)
+    assert all("==" in pin for pin in pins), pins  # every requirement is installed and pinned
+    capfd.readouterr()
+    requirements_utils.warn_dependency_requirement_mismatches(pins)
+    assert "mismatches" not in capfd.readouterr().err  # MLflow warns on stderr
+    requirements_utils.warn_dependency_requirement_mismatches(["torch==0.0.1", "pyyaml==1"])
+    warned = capfd.readouterr().err
+    assert "torch (current: " in warned and "pyyaml (current: " in warned

@@ -562,6 +562,18 @@ def _describe(error: dict, path: Path) -> str:
     return f"{path}: {key}: {message}"
 
 
+# libyaml's parser when PyYAML was built with it (its wheels are): the same objects as
+# yaml.safe_load, about 10x faster. dvc.lock alone took 80 ms in pure Python, and each stage and
+# its tracking worker read params.yaml, dvc.yaml and dvc.lock (0.6-0.9 s a process in all).
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def read_yaml(path: Path | str):
+    """The YAML document in ``path``, as plain data (a safe loader); raises FileNotFoundError
+    and yaml.YAMLError as ``yaml.safe_load`` does. The one YAML reader of the stages."""
+    return yaml.load(Path(path).read_text(), Loader=_YAML_LOADER)  # noqa: S506 (safe loader)
+
+
 def parse_params(raw: dict, path: Path | str = PARAMS_FILE) -> Params:
     """Validate a params mapping; raise ParamsError naming the first bad key."""
     try:
@@ -575,7 +587,7 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     """Read params.yaml once into typed params; raise ParamsError on any problem."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path) or {}
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
     except yaml.YAMLError as exc:

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
+from stages.core.common.params import read_yaml
 
 
 def execution_key() -> str | None:
@@ -64,7 +64,7 @@ def _is_dvc(cmdline: list[str]) -> bool:
 
 def _read_yaml(path: Path | str) -> dict[str, Any]:
     try:
-        return yaml.safe_load(Path(path).read_text()) or {}
+        return read_yaml(path) or {}
     except FileNotFoundError:
         return {}
 
