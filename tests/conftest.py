@@ -310,17 +310,41 @@ def new_project_repo(target: Path, env: dict) -> Path:
     return repo
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(path)`` once per test run at a path every pytest-xdist worker sees, and the path.
+
+    Session fixtures are per worker: without this, each worker would build its own copy of an
+    expensive one (a cold pipeline run is about a minute of CPU). The first worker to ask builds
+    it under a file lock while the others wait; a build that failed is tried again by the next.
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    target, done = base / name, base / f"{name}.done"
+    with FileLock(base / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(target, ignore_errors=True)  # what a failed build left
+            build(target)
+            done.touch()
+    return target
+
+
 @pytest.fixture(scope="session")
 def pristine_repo(tmp_path_factory, pipeline_env: dict) -> Path:
     """A git repo with the project's code and default params after one cold `dvc repro`, its
-    outputs committed. Shared by the session: tests read it; tests that change anything work on
-    ``pipeline_repo``, a private copy."""
-    repo = new_project_repo(tmp_path_factory.mktemp("pristine"), pipeline_env)
-    cold = run_command(["dvc", "repro"], repo, pipeline_env)
-    assert ran_stages(cold.stdout) == PIPELINE_STAGES, cold.stdout
-    (repo / "cold_repro.log").write_text(cold.stdout)
-    commit_all(repo, pipeline_env, "outputs")
-    return repo
+    outputs committed. Shared by the whole run (built once, see ``built_once``): tests read it;
+    tests that change anything work on ``pipeline_repo``, a private copy."""
+
+    def build(target: Path) -> None:
+        repo = new_project_repo(target, pipeline_env)
+        cold = run_command(["dvc", "repro"], repo, pipeline_env)
+        assert ran_stages(cold.stdout) == PIPELINE_STAGES, cold.stdout
+        (repo / "cold_repro.log").write_text(cold.stdout)
+        commit_all(repo, pipeline_env, "outputs")
+
+    return built_once(tmp_path_factory, "pristine", build)
 
 
 @pytest.fixture
@@ -334,18 +358,27 @@ def pipeline_repo(pristine_repo: Path, tmp_path: Path) -> Path:
 def finetune_experiment(pristine_repo: Path, pipeline_env: dict, tmp_path_factory):
     """``dvc exp run -S finetune.lr=0.005`` (with ``LEAN_EVALUATE``) on a copy of
     ``pristine_repo``, shared by the tests that read what it did (the repo, the output, the
-    metrics before): they must not change it."""
+    metrics before), on every worker (``built_once``): they must not change it."""
     from types import SimpleNamespace
 
-    repo = copy_project(pristine_repo, tmp_path_factory.mktemp("finetune_exp"))
-    before = {
-        name: json.loads((repo / f"metrics/{name}.json").read_text())
-        for name in ("finetune", "evaluate")
-    }
-    done = run_command(
-        ["dvc", "exp", "run", "-S", "finetune.lr=0.005", *LEAN_EVALUATE], repo, pipeline_env
+    def build(target: Path) -> None:
+        repo = copy_project(pristine_repo, target / "repo")
+        before = {
+            name: json.loads((repo / f"metrics/{name}.json").read_text())
+            for name in ("finetune", "evaluate")
+        }
+        done = run_command(
+            ["dvc", "exp", "run", "-S", "finetune.lr=0.005", *LEAN_EVALUATE], repo, pipeline_env
+        )
+        (target / "output.log").write_text(done.stdout)
+        (target / "before.json").write_text(json.dumps(before))
+
+    folder = built_once(tmp_path_factory, "finetune_exp", build)
+    return SimpleNamespace(
+        repo=folder / "repo",
+        output=(folder / "output.log").read_text(),
+        before=json.loads((folder / "before.json").read_text()),
     )
-    return SimpleNamespace(repo=repo, output=done.stdout, before=before)
 
 
 @pytest.fixture(scope="session")
