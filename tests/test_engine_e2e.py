@@ -136,7 +136,9 @@ def test_killed_train_resumes_to_the_same_bytes_and_mlflow_run(repo: Path, env: 
 
 def test_exp_run_with_two_processes(repo: Path, env: dict) -> None:
     """`dvc exp run -S train.nproc=2`: torchrun starts 2 gloo workers; rank 0 alone saves and
-    logs; it trains like one process does (the same batches, each split across the ranks)."""
+    logs; it trains like one process does (the same batches, each split across the ranks).
+    Then the stage again with `train.parallel: fsdp`: the parameters sharded across the two
+    ranks with fully_shard, the same model in models/base, saved whole by rank 0."""
     import pandas as pd
     import torch
 
@@ -176,3 +178,20 @@ def test_exp_run_with_two_processes(repo: Path, env: dict) -> None:
     for column in ("train_loss", "val_loss", "val_accuracy"):
         assert (curve[column] - single_curve[column]).abs().max() < 2e-3, column
     assert (predictions == single_predictions).float().mean().item() >= 0.98
+    ddp_weights, ddp_curve = weights(repo), curve
+
+    set_params(repo, model={"dropout": 0.0}, train={"nproc": 2, "parallel": "fsdp"})
+    sharded = run([sys.executable, "-m", "stages.train"], repo, env | {"PIPELINE_TRACKING": "off"})
+    assert "train: 2 process(es) x 1 node(s) through torchrun" in sharded.stdout
+    assert sharded.stdout.count("train: transformer of 18,218 parameters on 2 process(es)") == 1
+    assert sorted(p.name for p in (repo / "models/base").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    fsdp_curve, fsdp_predictions, _ = trained()
+    for column in ("train_loss", "val_loss", "val_accuracy"):
+        assert (fsdp_curve[column] - ddp_curve[column]).abs().max() < 1e-4, column
+    assert (fsdp_predictions == predictions).float().mean().item() >= 0.99
+    # Byte for byte: FSDP's reduce-scatter sums the same two ranks' gradients as DDP's
+    # all-reduce, and a sum of two floats is the same in either order.
+    assert weights(repo) == ddp_weights
