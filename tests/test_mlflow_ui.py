@@ -97,6 +97,12 @@ def test_make_ui_serves_the_experiment_it_prints(tmp_path: Path) -> None:
         name = urllib.parse.quote("shown-here")
         served = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}")
         assert served["experiment"]["experiment_id"] == experiment_id
+        # Served without MLflow's GenAI job runner (no `mlflow.server.jobs` process).
+        import psutil
+
+        commands = [" ".join(p.cmdline()) for p in psutil.Process(ui.pid).children(recursive=True)]
+        assert any("uvicorn" in c or "gunicorn" in c for c in commands), commands
+        assert not any("mlflow.server.jobs" in c or "huey" in c for c in commands), commands
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         try:
