@@ -202,7 +202,8 @@ def prepare() -> None:
         return  # already built, whole or ours
     names = REQUIREMENTS + TEXT_REQUIREMENTS + ("peft",)
     modules = {REQUIREMENT_MODULES.get(name, name): [name] for name in names}
-    requirements_utils._MODULES_TO_PACKAGES = modules | requirements_utils.MLFLOW_MODULES_TO_PACKAGES
+    modules |= requirements_utils.MLFLOW_MODULES_TO_PACKAGES
+    requirements_utils._MODULES_TO_PACKAGES = modules
 
 
 set_model(PipelineModel())
