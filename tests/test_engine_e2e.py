@@ -192,6 +192,12 @@ def test_exp_run_with_two_processes(repo: Path, env: dict) -> None:
     for column in ("train_loss", "val_loss", "val_accuracy"):
         assert (fsdp_curve[column] - ddp_curve[column]).abs().max() < 1e-4, column
     assert (fsdp_predictions == predictions).float().mean().item() >= 0.99
-    # Byte for byte: FSDP's reduce-scatter sums the same two ranks' gradients as DDP's
-    # all-reduce, and a sum of two floats is the same in either order.
-    assert weights(repo) == ddp_weights
+    # The same weights: FSDP's reduce-scatter averages the same two ranks' gradients as DDP's
+    # all-reduce. (They came out byte-identical here, torch 2.13 on this CPU; Adam on padded
+    # shards and kernels on gathered copies may round otherwise elsewhere, hence a tolerance.)
+    from safetensors.torch import load
+
+    fsdp_state, ddp_state = load(weights(repo)), load(ddp_weights)
+    assert fsdp_state.keys() == ddp_state.keys()
+    for name, tensor in fsdp_state.items():
+        torch.testing.assert_close(tensor, ddp_state[name], rtol=0, atol=1e-6, msg=name)
