@@ -226,9 +226,10 @@ def test_racing_promotions_leave_the_better_model_champion(logged_uri: str) -> N
 
 
 def test_prepare_keeps_mlflows_requirement_check(monkeypatch, capfd) -> None:
-    """serving.prepare gives MLflow a module map of our requirements only (not the 0.8 s scan
-    of every installed package): logging and loading a model still checks each of them against
-    the installed versions, finding the distribution under its own name (pyyaml as yaml)."""
+    """serving.prepare gives MLflow a module map of our requirements only (not the 0.7-0.8 s
+    scan of every installed package): logging and loading a model still checks each of them
+    against the installed versions, and finds each module by its distribution's name (pyyaml
+    as yaml) where the metadata is missing."""
     from mlflow.utils import requirements_utils
 
     from stages.core.tracking.serving import prepare, requirements
@@ -243,6 +244,24 @@ def test_prepare_keeps_mlflows_requirement_check(monkeypatch, capfd) -> None:
     capfd.readouterr()
     requirements_utils.warn_dependency_requirement_mismatches(pins)
     assert "mismatches" not in capfd.readouterr().err  # MLflow warns on stderr
+    # Where a distribution's metadata is missing, MLflow imports the module the map names:
+    # pyyaml is found as yaml (without the map it would import "pyyaml" and call it uninstalled).
+    metadata = requirements_utils.importlib_metadata
+    found = metadata.version
+
+    def version(name: str) -> str:
+        if name == "pyyaml":
+            raise metadata.PackageNotFoundError(name)
+        return found(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    yaml_pin = next(pin for pin in pins if pin.startswith("pyyaml=="))
+    requirements_utils.warn_dependency_requirement_mismatches([yaml_pin])
+    assert "mismatches" not in capfd.readouterr().err
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", {})
+    requirements_utils.warn_dependency_requirement_mismatches([yaml_pin])
+    assert "pyyaml (current: uninstalled" in capfd.readouterr().err
+    monkeypatch.undo()
     requirements_utils.warn_dependency_requirement_mismatches(["torch==0.0.1", "pyyaml==1"])
     warned = capfd.readouterr().err
     assert "torch (current: " in warned and "pyyaml (current: " in warned
