@@ -56,7 +56,7 @@ def main() -> None:
     print(f"(serving {redact(uri)}; Ctrl-C stops it)", flush=True)
     command = ui_command(args.host, args.port)
     # No job runner: it serves MLflow's GenAI jobs (scorers, trace roll-ups), which this
-    # pipeline never queues, and costs about 8 more processes and 5-10 s of start-up here. The
+    # pipeline never queues, and costs about 8 more processes and 5 s of start-up here. The
     # team stack's server runs without it too (scripts/team.py); set it to true to have it.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(command[0], command)

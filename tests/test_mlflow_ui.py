@@ -68,6 +68,7 @@ def test_make_ui_serves_the_experiment_it_prints(tmp_path: Path) -> None:
         "MLFLOW_TRACKING_URI": f"sqlite:///{other / 'other.db'}",
         "PYTHONPATH": str(REPO_ROOT),
     }
+    env.pop("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", None)  # the script's default is under test
     port = _free_port()
     log = (tmp_path / "ui.log").open("w+")
     ui = subprocess.Popen(
