@@ -261,7 +261,6 @@ def test_prepare_keeps_mlflows_requirement_check(monkeypatch, capfd) -> None:
     monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", {})
     requirements_utils.warn_dependency_requirement_mismatches([yaml_pin])
     assert "pyyaml (current: uninstalled" in capfd.readouterr().err
-    monkeypatch.undo()
     requirements_utils.warn_dependency_requirement_mismatches(["torch==0.0.1", "pyyaml==1"])
     warned = capfd.readouterr().err
     assert "torch (current: " in warned and "pyyaml (current: " in warned

@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from stages.core.common.errors import ParamsError, one_line
+from stages.core.common.yaml_files import read_yaml
 
 PARAMS_FILE = "params.yaml"
 
@@ -560,18 +561,6 @@ def _describe(error: dict, path: Path) -> str:
     if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict):
         return f"{path}: {key}: {message} (got {error['input']!r})"
     return f"{path}: {key}: {message}"
-
-
-# libyaml's parser when PyYAML was built with it (its wheels are): the same objects as
-# yaml.safe_load, about 10x faster. dvc.lock alone took 80 ms in pure Python, and each stage and
-# its tracking worker read params.yaml, dvc.yaml and dvc.lock (0.6-0.9 s a process in all).
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def read_yaml(path: Path | str):
-    """The YAML document in ``path``, as plain data (a safe loader); raises FileNotFoundError
-    and yaml.YAMLError as ``yaml.safe_load`` does. The one YAML reader of the stages."""
-    return yaml.load(Path(path).read_text(), Loader=_YAML_LOADER)  # noqa: S506 (safe loader)
 
 
 def parse_params(raw: dict, path: Path | str = PARAMS_FILE) -> Params:

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from stages.core.common.params import read_yaml
+from stages.core.common.yaml_files import read_yaml
 
 
 def execution_key() -> str | None:
