@@ -30,6 +30,8 @@ from stages.core.modeling.model import Classifier, ModelConfig, fit_scaling
 os.environ.update(QUIET_ENV)
 # The text tests build their checkpoints locally: nothing may come from the Hugging Face hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The warm tracking-worker servers the tests start exit 2 minutes after their last stage (not 5).
+os.environ.setdefault("PIPELINE_WORKER_SERVER_IDLE", "120")
 
 # The models under test are tiny: extra intra-op threads only add contention (on a busy 2-core
 # machine a 4-16-3 MLP trains ~20x slower with two threads than with one).
@@ -166,6 +168,22 @@ def make_config(
 def make_model(config: ModelConfig, seed: int = 0) -> Classifier:
     torch.manual_seed(seed)
     return Classifier(config)
+
+
+# What the ranks of the tests' two-process runs import first: a forkserver imports it once per
+# test process, and each rank starts from a fork of it instead of a fresh interpreter.
+RANK_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "pandas", "transformers"]
+
+
+def spawn_ranks(fn, args: tuple, nprocs: int = 2) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)``, the ranks forked from a forkserver
+    that has imported ``RANK_PRELOAD`` (a spawned rank spends ~4 s importing torch)."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(RANK_PRELOAD)
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
 
 
 def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import state_copy, states_equal
+from conftest import spawn_ranks, state_copy, states_equal
 from torch import nn
 
 from stages.core.engine.batches import TokenBatches
@@ -196,12 +196,10 @@ DDP_OPTIONS = replace(OPTIONS, epochs=3, batch_size=8, grad_accum=2, optimizer="
 def test_two_processes_train_token_batches_like_one(tmp_path) -> None:
     import socket
 
-    import torch.multiprocessing as mp
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_ddp_worker, (port, str(tmp_path)))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert states_equal(*ranks)
     torch.manual_seed(0)

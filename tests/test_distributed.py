@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import make_blobs, make_config, make_model, state_copy
+from conftest import make_blobs, make_config, make_model, spawn_ranks, state_copy
 
 from stages.core.engine.checkpoints import Checkpoints
 from stages.core.engine.training import EpochStats, FitOptions, fit
@@ -53,7 +52,7 @@ def _train(
 
 def _worker(rank: int, port: int, out: str, runs: list[tuple]) -> None:
     """One DDP rank: the ``runs`` (kill_at, tag, dropout, checkpoint folder) one after the
-    other, in one process group (every spawn costs two interpreters importing torch)."""
+    other, in one process group (every start of two ranks costs a process group)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -68,7 +67,7 @@ def _worker(rank: int, port: int, out: str, runs: list[tuple]) -> None:
 
 
 def _run_two(out: Path, *runs: tuple[int | None, str, float, str]) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(out), list(runs)), nprocs=2, join=True)
+    spawn_ranks(_worker, (_free_port(), str(out), list(runs)))
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,10 @@
 the ``transformer`` arch and a tiny Hugging Face GPT-2 classifier, whose blocks each become an
 FSDP unit.
 
-One spawn runs every case one after the other (each spawn costs two interpreters importing
-torch): ddp and fsdp on the same data and seed, an fsdp run killed after some epochs and then
-resumed from its sharded checkpoint, early stopping under both, and GPT-2 under both."""
+One start of two ranks runs every case one after the other (each start costs two rank
+processes and a process group): ddp and fsdp on the same data and seed, an fsdp run killed
+after some epochs and then resumed from its sharded checkpoint, early stopping under both, and
+GPT-2 under both."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import make_blobs, make_config, make_model
+from conftest import make_blobs, make_config, make_model, spawn_ranks
 
 from stages.core.common.errors import ParamsError, TrainingError
 from stages.core.common.params import parse_params
@@ -123,11 +123,11 @@ def _worker(rank: int, port: int, out: str, gpt2: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_checkpoints) -> Path:
-    """Every 2-process run of this file, in one spawn (each spawn costs two interpreters
-    importing torch)."""
+    """Every 2-process run of this file, in one start (each start costs two rank processes
+    and a process group)."""
     out = tmp_path_factory.mktemp("fsdp")
     args = (_free_port(), str(out), str(tiny_checkpoints["gpt2"]))
-    mp.spawn(_worker, args=args, nprocs=2, join=True)
+    spawn_ranks(_worker, args)
     return out
 
 

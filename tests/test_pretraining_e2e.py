@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import TEST_EXPERIMENT, state_copy, states_equal
+from conftest import TEST_EXPERIMENT, spawn_ranks, state_copy, states_equal
 from test_pretraining import build_tokenizers, lm_params, split
 
 from stages.core.modeling import pretraining
@@ -163,12 +163,10 @@ def test_ddp_and_fsdp_with_two_gloo_processes_train_like_one(
     one process does (float rounding aside)."""
     import socket
 
-    import torch.multiprocessing as mp
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path), str(tokenizers["gpt2"])), nprocs=2)
+    spawn_ranks(_ddp_worker, (port, str(tmp_path), str(tokenizers["gpt2"])))
     ranks = [torch.load(tmp_path / f"ddp-rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["val"] == ranks[1]["val"]
     assert states_equal(ranks[0]["state"], ranks[1]["state"])

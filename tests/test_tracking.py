@@ -350,7 +350,9 @@ def test_a_url_param_is_logged_without_its_token(mlflow_client) -> None:
 # --- The parent run of a DVC execution --------------------------------------------------------
 
 
-def under_dvc(tmp_path: Path, script: str, mlflow_uri: str, **kwargs) -> subprocess.Popen:
+def under_dvc(
+    tmp_path: Path, script: str, mlflow_uri: str, extra_env: dict | None = None, **kwargs
+) -> subprocess.Popen:
     """Run ``script`` in a Python process whose parent is a program named ``dvc`` (a stand-in
     for `dvc repro`, found the way execution_key finds DVC: by its command line), in
     ``tmp_path``; one execution per call."""
@@ -366,6 +368,7 @@ def under_dvc(tmp_path: Path, script: str, mlflow_uri: str, **kwargs) -> subproc
     )
     dvc.chmod(0o755)
     env = os.environ | {"MLFLOW_TRACKING_URI": mlflow_uri, "PYTHONPATH": str(REPO_ROOT)}
+    env |= extra_env or {}
     return subprocess.Popen(
         [str(dvc), script], cwd=tmp_path, env=env, text=True, start_new_session=True, **kwargs
     )
@@ -412,9 +415,12 @@ def test_a_killed_and_resumed_stage_leaves_no_run_running(
             "    print(run.id, flush=True)\n"
         )
 
-    # The stage, its tracking worker and dvc die at once (`kill -9` of the process group).
+    # The stage, its tracking worker and dvc die at once (`kill -9` of the process group). A
+    # worker forked by the warm server is in no such group (it would end the runs itself):
+    # this is the plain worker's case.
     killed_script = script(resuming=False) + "    os.killpg(0, signal.SIGKILL)\n"
-    killed = under_dvc(tmp_path, killed_script, mlflow_uri, stdout=subprocess.PIPE)
+    plain = {"PIPELINE_WORKER_SERVER": "off"}
+    killed = under_dvc(tmp_path, killed_script, mlflow_uri, plain, stdout=subprocess.PIPE)
     out, _ = killed.communicate(timeout=120)
     assert killed.returncode == -signal.SIGKILL
     run_id = out.split()[-1]

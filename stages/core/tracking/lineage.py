@@ -13,6 +13,10 @@ from typing import Any
 
 from stages.core.common.yaml_files import read_yaml
 
+# The pid of the stage a tracking worker records for: the worker's parent when the stage started
+# it, but not when the warm worker server forked it (stages.core.tracking.worker_server).
+STAGE_PID = "PIPELINE_STAGE_PID"
+
 
 def execution_key() -> str | None:
     """An id shared by the stages of one pipeline execution, None outside DVC.
@@ -20,12 +24,14 @@ def execution_key() -> str | None:
     DVC exports no per-execution id, but each execution has its own `dvc` process that is an
     ancestor of every stage it runs: `dvc repro`, `dvc exp run`, or, for queued experiments,
     the `dvc exp exec-run` process of that experiment (each queued experiment has its own, also
-    with `dvc queue start -j 2`). Its pid and start time identify it on this host.
+    with `dvc queue start -j 2`). Its pid and start time identify it on this host. The search
+    starts at the stage: this process's parent, or in a tracking worker the ``STAGE_PID``.
     """
     import psutil
 
     try:
-        process = psutil.Process().parent()
+        stage = os.environ.get(STAGE_PID)
+        process = psutil.Process(int(stage)) if stage else psutil.Process().parent()
         while process is not None:
             if _is_dvc(process.cmdline()):
                 return f"{socket.gethostname()}:{process.pid}:{process.create_time():.3f}"

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.common.errors import TrackingError
+from stages.core.tracking.lineage import STAGE_PID
 from stages.core.tracking.recorder import Recorder
 from stages.core.tracking.store import describe_failure, redact, tracking_uri
+from stages.core.tracking.worker_server import ForkedProcess, fork_worker
 
 # How long a stage waits for the worker to finish logging after the stage's own work is done.
 WORKER_EXIT_TIMEOUT = 300.0
@@ -28,7 +30,16 @@ class _Worker:
         from_worker_r, from_worker_w = os.pipe()
         package_root = str(Path(__file__).resolve().parents[3])
         python_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-        self.process = subprocess.Popen(
+        env = os.environ | {"PYTHONPATH": python_path, STAGE_PID: str(os.getpid())}
+        try:
+            # Forked by the warm server (imports done) when one runs; else a process of its own.
+            forked = fork_worker(to_worker_r, from_worker_w, preload, package_root, env)
+        except TimeoutError:
+            raise TrackingError(
+                "tracking: the worker server did not answer (PIPELINE_WORKER_SERVER=off "
+                "starts workers without it)"
+            ) from None
+        self.process: ForkedProcess | subprocess.Popen = forked or subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -38,7 +49,7 @@ class _Worker:
                 *preload,
             ],  # fmt: skip
             pass_fds=(to_worker_r, from_worker_w),
-            env=os.environ | {"PYTHONPATH": python_path},
+            env=env,
             stdout=subprocess.DEVNULL,  # the stage's stdout is for the stage
         )
         os.close(to_worker_r)
@@ -55,9 +66,9 @@ class _Worker:
         try:
             kind, value = self.replies.recv()
         except EOFError:
-            raise TrackingError(
-                f"tracking: the tracking worker exited with code {self.process.wait()}"
-            ) from None
+            code = self.process.wait()  # None for a forked worker: not this process's child
+            detail = "" if code is None else f" with code {code}"
+            raise TrackingError(f"tracking: the tracking worker exited{detail}") from None
         if kind == "error":
             raise TrackingError(value)
         return value
