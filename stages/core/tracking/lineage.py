@@ -12,10 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.common.yaml_files import read_yaml
-
-# The pid of the stage a tracking worker records for: the worker's parent when the stage started
-# it, but not when the warm worker server forked it (stages.core.tracking.worker_server).
-STAGE_PID = "PIPELINE_STAGE_PID"
+from stages.core.tracking.worker_server import STAGE_PID
 
 
 def execution_key() -> str | None:
@@ -34,7 +31,7 @@ def execution_key() -> str | None:
         process = psutil.Process(int(stage)) if stage else psutil.Process().parent()
         while process is not None:
             if _is_dvc(process.cmdline()):
-                return f"{socket.gethostname()}:{process.pid}:{process.create_time():.3f}"
+                return f"{socket.gethostname()}:{process.pid}:{_started(process)}"
             process = process.parent()
     except psutil.Error:  # an ancestor exited or is not ours to inspect
         return None
@@ -53,9 +50,22 @@ def execution_alive(key: str | None) -> bool:
     if host != socket.gethostname():
         return True
     try:
-        return f"{psutil.Process(int(pid)).create_time():.3f}" == created
+        return _started(psutil.Process(int(pid))) == created
     except (psutil.Error, ValueError):  # gone, or not a pid
         return False
+
+
+def _started(process) -> str:
+    """When ``process`` (a psutil.Process) started, as the same text in every process that
+    asks: on Linux its start in clock ticks after boot (/proc/<pid>/stat), which no change of
+    the system clock moves; elsewhere psutil's create_time, seconds since the epoch. (That is
+    the boot time plus the ticks, and the boot time the kernel reports moves with the clock:
+    two stages of one execution, or a stage and a worker started earlier, could disagree.)"""
+    try:
+        stat = Path(f"/proc/{process.pid}/stat").read_text()
+    except OSError:
+        return f"{process.create_time():.3f}"
+    return "t" + stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime; comm may hold ")"
 
 
 def _is_dvc(cmdline: list[str]) -> bool:

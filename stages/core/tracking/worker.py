@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.common.errors import TrackingError
-from stages.core.tracking.lineage import STAGE_PID
 from stages.core.tracking.recorder import Recorder
 from stages.core.tracking.store import describe_failure, redact, tracking_uri
-from stages.core.tracking.worker_server import ForkedProcess, fork_worker
+from stages.core.tracking.worker_server import STAGE_PID, ForkedProcess, Unanswered, fork_worker
 
 # How long a stage waits for the worker to finish logging after the stage's own work is done.
 WORKER_EXIT_TIMEOUT = 300.0
@@ -26,19 +25,22 @@ class _Worker:
     def __init__(self, preload: tuple[str, ...] = ()) -> None:
         from multiprocessing.connection import Connection
 
-        to_worker_r, to_worker_w = os.pipe()
-        from_worker_r, from_worker_w = os.pipe()
         package_root = str(Path(__file__).resolve().parents[3])
         python_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
         env = os.environ | {"PYTHONPATH": python_path, STAGE_PID: str(os.getpid())}
+        to_worker_r, to_worker_w = os.pipe()
+        from_worker_r, from_worker_w = os.pipe()
         try:
             # Forked by the warm server (imports done) when one runs; else a process of its own.
             forked = fork_worker(to_worker_r, from_worker_w, preload, package_root, env)
-        except TimeoutError:
-            raise TrackingError(
-                "tracking: the worker server did not answer (PIPELINE_WORKER_SERVER=off "
-                "starts workers without it)"
-            ) from None
+        except Unanswered:
+            # It may have forked a worker on these pipes: new ones, and that worker, if any,
+            # sees its requests pipe close and exits without a run.
+            for fd in (to_worker_r, to_worker_w, from_worker_r, from_worker_w):
+                os.close(fd)
+            to_worker_r, to_worker_w = os.pipe()
+            from_worker_r, from_worker_w = os.pipe()
+            forked = None
         self.process: ForkedProcess | subprocess.Popen = forked or subprocess.Popen(
             [
                 sys.executable,

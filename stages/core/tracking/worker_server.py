@@ -52,19 +52,43 @@ PRELOAD = (
 # them when used, not when imported, and the forked worker takes the stage's values. (The
 # checkout on PYTHONPATH is left out of the key too: the worker's code is imported after the
 # fork; the rest of PYTHONPATH is in it.)
-PER_STAGE = {"MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "PIPELINE_STAGE_PID"}
-PER_STAGE |= {"MLFLOW_EXPERIMENT_ID", "PWD", "OLDPWD", "SHLVL", "_"}
-PER_STAGE_PREFIXES = ("DVC_", "PYTEST_")
+PER_STAGE = {"MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"}
+PER_STAGE |= {"MLFLOW_EXPERIMENT_ID", "PWD", "OLDPWD", "SHLVL", "_", ENABLED}
+# torchrun's, set anew for every launch (rank 0 of a distributed stage starts the worker)
+PER_STAGE |= {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR"}
+PER_STAGE |= {"MASTER_PORT", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME"}
+PER_STAGE |= {"ROLE_WORLD_SIZE"}
+PER_STAGE_PREFIXES = ("DVC_", "PYTEST_", "TORCHELASTIC_")
+# The pid of the stage a worker records for (stages.core.tracking.lineage.execution_key starts
+# there): a forked worker's parent is the server, not the stage.
+STAGE_PID = "PIPELINE_STAGE_PID"
+PER_STAGE.add(STAGE_PID)
 # How long a stage waits for the server to fork its worker (it answers in milliseconds).
 ANSWER_TIMEOUT_S = 30.0
 _HEADER = struct.Struct("!Q")
 _PID = struct.Struct("!i")
 
 
+class Unanswered(Exception):
+    """The server took a stage's request and then failed to answer: it may have forked a
+    worker on the stage's pipes, so the stage must not start another on them."""
+
+
 def enabled(env: dict[str, str]) -> bool:
-    """Whether stages use the server: on Linux, unless ``PIPELINE_WORKER_SERVER`` is off."""
+    """Whether stages use the server: on Linux with pidfds (kernel 5.3+), unless
+    ``PIPELINE_WORKER_SERVER`` is off."""
     switch = env.get(ENABLED, "on").lower()
-    return sys.platform == "linux" and switch not in ("off", "0", "false")
+    supported = sys.platform == "linux" and hasattr(os, "pidfd_open")
+    return supported and switch not in ("off", "0", "false")
+
+
+def idle_seconds(env: dict[str, str]) -> float:
+    """``PIPELINE_WORKER_SERVER_IDLE`` as a positive number of seconds, else the default."""
+    try:
+        seconds = float(env.get(IDLE) or DEFAULT_IDLE_S)
+    except ValueError:
+        return DEFAULT_IDLE_S
+    return seconds if 0 < seconds < float("inf") else DEFAULT_IDLE_S
 
 
 def _server_env(env: dict[str, str], package_root: str) -> dict[str, str]:
@@ -94,30 +118,27 @@ def address(env: dict[str, str], package_root: str) -> str:
 
 
 class ForkedProcess:
-    """A worker the server forked, as the stage sees it: not the stage's child, so its exit
-    code is not the stage's to collect."""
+    """A worker the server forked, as the stage sees it, through the pidfd the server opened
+    on it before it could exit: not the stage's child, so its exit code is not the stage's to
+    collect."""
 
     returncode = None
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, pidfd: int) -> None:
         self.pid = pid
-        try:
-            self._pidfd: int | None = os.pidfd_open(pid)
-        except ProcessLookupError:  # it has exited already
-            self._pidfd = None
+        self._pidfd = pidfd
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until the worker has exited (``subprocess.TimeoutExpired`` after ``timeout``)."""
-        if self._pidfd is not None and not select.select([self._pidfd], [], [], timeout)[0]:
+        if not select.select([self._pidfd], [], [], timeout)[0]:
             raise subprocess.TimeoutExpired(f"tracking worker {self.pid}", timeout or 0)
 
     def kill(self) -> None:
-        if self._pidfd is not None:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        with contextlib.suppress(OSError):  # it has exited
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     def __del__(self) -> None:
-        if self._pidfd is not None:
+        with contextlib.suppress(OSError, AttributeError):
             os.close(self._pidfd)
 
 
@@ -126,8 +147,8 @@ def fork_worker(
 ) -> ForkedProcess | None:
     """A tracking worker forked by the server, holding the two pipe ends and the stage's
     stderr; None when there is no server (one is started in the background for the stages
-    to come), it is off, or it refused. Raises TimeoutError when a server took the request
-    but did not answer (it may have forked a worker: starting another would be unsafe)."""
+    to come), it is off, or it refused without forking. Raises ``Unanswered`` when a server
+    took the request but gave no answer."""
     if not enabled(env):
         return None
     name = address(env, package_root)
@@ -141,15 +162,31 @@ def fork_worker(
         except OSError:  # none listens (a timeout here sent nothing either)
             _start_server(name, env, package_root)
             return None
+        # Anyone can bind an abstract name that is free: send nothing to another user's.
+        if _peer_uid(sock) != os.getuid():
+            return None
         try:
             socket.send_fds(sock, [_HEADER.pack(len(body))], [requests_fd, replies_fd, 2])
             sock.sendall(body)
-            (pid,) = _PID.unpack(_receive_exactly(sock, _PID.size))
-        except TimeoutError:
-            raise
-        except OSError:  # it closed the connection without forking
+        except OSError:  # it closed the connection before reading: it forked nothing
             return None
-    return ForkedProcess(pid)
+        try:
+            answer, fds, _, _ = socket.recv_fds(sock, _PID.size, 1)
+        except OSError as exc:
+            raise Unanswered(str(exc)) from None
+    if answer == _PID.pack(0) and not fds:  # it refused: it forked nothing
+        return None
+    if len(answer) != _PID.size or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise Unanswered("no answer" if not answer else "a malformed answer")
+    (pid,) = _PID.unpack(answer)
+    return ForkedProcess(pid, fds[0])
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", credentials)[1]
 
 
 def _start_server(name: str, env: dict, package_root: str) -> None:
@@ -180,7 +217,6 @@ def _run_worker(request: dict, fds: list[int]) -> None:
     """In the forked child: become the stage's worker, then exit (never returns)."""
     try:
         requests_fd, replies_fd, stderr_fd = fds
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server ignores it; the worker may wait
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.dup2(stderr_fd, 2)
         os.close(stderr_fd)
@@ -207,7 +243,9 @@ def _run_worker(request: dict, fds: list[int]) -> None:
 def _serve_requests(name: str) -> None:
     """The server: claim the name, preload, listen, and fork one worker per request until
     idle. Stages that ask while it preloads find it not listening yet and start their workers
-    the plain way (and a server that exits at once: the name is taken)."""
+    the plain way (and a server that exits at once: the name is taken). A server that finds
+    it cannot fork safely keeps the name, refusing every request, until idle: the stages then
+    start plain workers without starting servers again."""
     import importlib
     import threading
 
@@ -220,44 +258,54 @@ def _serve_requests(name: str) -> None:
     for module in PRELOAD:
         with contextlib.suppress(Exception):  # a worker that needs it fails the plain way
             importlib.import_module(module)
-    if threading.active_count() != 1:
-        return  # forking a process with other threads is unsafe: stages start plain workers
-    idle = float(os.environ.get(IDLE) or DEFAULT_IDLE_S)
+    # Forking a process with other threads is unsafe (a lock one of them holds stays held).
+    refusing = threading.active_count() != 1
     listener.listen(16)
-    listener.settimeout(idle)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
+    listener.settimeout(idle_seconds(dict(os.environ)))
     while True:
         try:
             conn, _ = listener.accept()
         except TimeoutError:
             return
         with conn:
-            conn.settimeout(ANSWER_TIMEOUT_S)
-            fds: list[int] = []
-            try:
-                credentials = conn.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
-                )
-                if struct.unpack("3i", credentials)[1] != os.getuid():
-                    continue  # only this user's stages
-                header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
-                if len(header) != _HEADER.size or len(fds) != 3:
-                    continue
-                (size,) = _HEADER.unpack(header)
-                request = json.loads(_receive_exactly(conn, size))
-            except (OSError, ValueError, ConnectionError):
-                for fd in fds:
-                    os.close(fd)
-                continue
-            pid = os.fork()
-            if pid == 0:
-                listener.close()
-                conn.close()
-                _run_worker(request, fds)
-            for fd in fds:
-                os.close(fd)
-            with contextlib.suppress(OSError):  # the stage is gone: its worker sees the pipe
-                conn.sendall(_PID.pack(pid))  # closed and ends
+            if refusing or _peer_uid(conn) != os.getuid():  # only this user's stages
+                with contextlib.suppress(OSError):
+                    conn.sendall(_PID.pack(0))  # refused: the stage starts a plain worker
+            else:
+                _answer(conn, listener)
+        with contextlib.suppress(ChildProcessError):  # reap the workers that have exited
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+
+
+def _answer(conn: socket.socket, listener: socket.socket) -> None:
+    """Read one request from ``conn``, fork its worker and answer with its pid and a pidfd
+    (opened before the worker can be reaped, so it names that worker and no later process)."""
+    conn.settimeout(ANSWER_TIMEOUT_S)
+    fds: list[int] = []
+    try:
+        header, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
+        if len(header) != _HEADER.size or len(fds) != 3:
+            raise ValueError("a malformed request")
+        (size,) = _HEADER.unpack(header)
+        request = json.loads(_receive_exactly(conn, size))
+    except (OSError, ValueError):
+        for fd in fds:
+            os.close(fd)
+        return
+    pid = os.fork()
+    if pid == 0:
+        listener.close()
+        conn.close()
+        _run_worker(request, fds)
+    for fd in fds:
+        os.close(fd)
+    pidfd = os.pidfd_open(pid)
+    try:
+        with contextlib.suppress(OSError):  # the stage is gone: its worker sees the pipe
+            socket.send_fds(conn, [_PID.pack(pid)], [pidfd])  # closed and ends
+    finally:
+        os.close(pidfd)
 
 
 if __name__ == "__main__":
