@@ -165,6 +165,10 @@ def test_the_key_ignores_what_differs_per_stage_and_nothing_else() -> None:
     base = address(env, "/repo")
     per_stage = env | {"MLFLOW_TRACKING_URI": "sqlite:///x.db", "DVC_EXP_NAME": "exp-1"}
     assert address(per_stage | {"PYTHONPATH": "/other"}, "/other") == base
+    torchrun = {"RANK": "0", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "a1b2"}
+    assert address(env | torchrun | {"MAKELEVEL": "1"}, "/repo") == base
+    assert address(env | {"PATH": "/usr/bin:/usr/bin"}, "/repo") == base  # the same lookups
+    assert address(env | {"PATH": "/bin:/usr/bin"}, "/repo") != base
     assert address(env | {"OMP_NUM_THREADS": "2"}, "/repo") != base
     assert address(env | {"PYTHONPATH": "/repo:/lib"}, "/repo") != base
     assert address(env | {"MLFLOW_DISABLE_TELEMETRY": "false"}, "/repo") != base

@@ -58,6 +58,8 @@ PER_STAGE |= {"MLFLOW_EXPERIMENT_ID", "PWD", "OLDPWD", "SHLVL", "_", ENABLED}
 PER_STAGE |= {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR"}
 PER_STAGE |= {"MASTER_PORT", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME"}
 PER_STAGE |= {"ROLE_WORLD_SIZE"}
+# make's, when a stage runs under `make pipeline` (as against `dvc repro` in a shell)
+PER_STAGE |= {"MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR"}
 PER_STAGE_PREFIXES = ("DVC_", "PYTEST_", "TORCHELASTIC_")
 # The pid of the stage a worker records for (stages.core.tracking.lineage.execution_key starts
 # there): a forked worker's parent is the server, not the stage.
@@ -106,6 +108,9 @@ def address(env: dict[str, str], package_root: str) -> str:
     # Installing, upgrading or removing a library changes its site-packages folder.
     stamps = [f"{p}:{os.stat(p).st_mtime_ns}" for p in site_dirs]
     server_env = _server_env(env, package_root)
+    # A folder repeated on PATH finds nothing new (make and shells prepend theirs again).
+    path = dict.fromkeys(server_env.get("PATH", "").split(os.pathsep))
+    server_env["PATH"] = os.pathsep.join(path)
     kept = sorted(
         (k, v)
         for k, v in server_env.items()
