@@ -1,5 +1,6 @@
 """The warm worker server (stages/core/tracking/worker_server.py): real servers, real forks,
-real MLflow runs; each test starts servers of its own (a variable of its own in their key)."""
+real MLflow runs. The module shares one server of its own (a variable of its own in its key);
+the idle test starts another."""
 
 from __future__ import annotations
 

@@ -127,8 +127,6 @@ class ForkedProcess:
     on it before it could exit: not the stage's child, so its exit code is not the stage's to
     collect."""
 
-    returncode = None
-
     def __init__(self, pid: int, pidfd: int) -> None:
         self.pid = pid
         self._pidfd = pidfd
