@@ -2,11 +2,14 @@
 -> metrics/evaluate.json, plots/{confusion,roc,precision_recall}.csv, plots/per_class/,
 reports/evaluation.md, reports/figures/."""
 
+from stages.core.common.warm_server import run_stage_warm
 from stages.core.tracking.runs import start_worker
 
-# First, before the imports below: MLflow's worker process starts and imports mlflow
+# First, before the imports below: a warm server, when one runs, takes the stage over
+# (stages/core/common/warm_server.py); else MLflow's worker process starts and imports mlflow
 # (and what logging the model needs) on another core meanwhile.
 if __name__ == "__main__":
+    run_stage_warm()
     start_worker("stages.core.tracking.model_evaluation", "stages.core.tracking.serving:prepare")
 
 

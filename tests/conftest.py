@@ -32,7 +32,7 @@ os.environ.update(QUIET_ENV)
 os.environ["HF_HUB_OFFLINE"] = "1"
 # The warm tracking-worker servers the tests start outlive the gaps between the e2e tests (a
 # server that idled out costs its imports again), and exit 10 minutes after their last stage.
-os.environ.setdefault("PIPELINE_WORKER_SERVER_IDLE", "600")
+os.environ.setdefault("PIPELINE_WARM_SERVER_IDLE", "600")
 
 # The models under test are tiny: extra intra-op threads only add contention (on a busy 2-core
 # machine a 4-16-3 MLP trains ~20x slower with two threads than with one).

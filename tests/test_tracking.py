@@ -419,7 +419,7 @@ def test_a_killed_and_resumed_stage_leaves_no_run_running(
     # worker forked by the warm server is in no such group (it would end the runs itself):
     # this is the plain worker's case.
     killed_script = script(resuming=False) + "    os.killpg(0, signal.SIGKILL)\n"
-    plain = {"PIPELINE_WORKER_SERVER": "off"}
+    plain = {"PIPELINE_WARM_SERVER": "off"}
     killed = under_dvc(tmp_path, killed_script, mlflow_uri, plain, stdout=subprocess.PIPE)
     out, _ = killed.communicate(timeout=120)
     assert killed.returncode == -signal.SIGKILL

@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from stages.core.common.warm_server import STAGE_PID
 from stages.core.common.yaml_files import read_yaml
-from stages.core.tracking.worker_server import STAGE_PID
 
 
 def execution_key() -> str | None:

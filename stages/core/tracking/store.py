@@ -9,16 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stages.core.common.errors import one_line, redact
-from stages.core.common.telemetry import silence
+from stages.core.common.telemetry import MLFLOW_DEFAULTS, silence
 
 silence()
-
-# A tracking server that is down or silent stops a stage in about 12 s, not MLflow's default of
-# several minutes of retries: one retry, a 6 s timeout per attempt (users may override both).
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "6"}
-# No progress bars from artifact copies in the stage's log.
-QUIET_DEFAULTS = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-for _key, _value in (HTTP_DEFAULTS | QUIET_DEFAULTS).items():
+for _key, _value in MLFLOW_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.common.errors import TrackingError
+from stages.core.common.warm_server import STAGE_PID, ForkedProcess, Unanswered, fork_worker
 from stages.core.tracking.recorder import Recorder
 from stages.core.tracking.store import describe_failure, redact, tracking_uri
-from stages.core.tracking.worker_server import STAGE_PID, ForkedProcess, Unanswered, fork_worker
 
 # How long a stage waits for the worker to finish logging after the stage's own work is done.
 WORKER_EXIT_TIMEOUT = 300.0
@@ -27,12 +27,16 @@ class _Worker:
 
         package_root = str(Path(__file__).resolve().parents[3])
         python_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-        env = os.environ | {"PYTHONPATH": python_path, STAGE_PID: str(os.getpid())}
+        # A forked stage has it already: the process DVC started, its stand-in.
+        stage_pid = os.environ.get(STAGE_PID) or str(os.getpid())
+        env = os.environ | {"PYTHONPATH": python_path, STAGE_PID: stage_pid}
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
         try:
             # Forked by the warm server (imports done) when one runs; else a process of its own.
-            forked = fork_worker(to_worker_r, from_worker_w, preload, package_root, env)
+            forked = fork_worker(
+                f"{__name__}:_serve", to_worker_r, from_worker_w, preload, package_root, env
+            )
         except Unanswered:
             # It may have forked a worker on these pipes: new ones, and that worker, if any,
             # sees its requests pipe close and exits without a run.
