@@ -85,7 +85,7 @@ def new_server_env(mlflow_uri: str, idle_s: int) -> dict:
 def warm(mlflow_uri: str, mlflow_client) -> tuple[dict, str, str]:
     """The environment of this module's server, started by a first stage: the environment,
     the kind of worker that first stage got, and its run id."""
-    env = new_server_env(mlflow_uri, idle_s=60)
+    env = new_server_env(mlflow_uri, idle_s=600)  # (as long as the suite's servers)
     first_kind, first_id = run_stage(env)
     wait_for_server(env)
     return env, first_kind, first_id
@@ -266,6 +266,7 @@ seen = {
     "torch_imported": "torch" in sys.modules,
     "stdin": sys.stdin.read(),
     "name": __name__,
+    "unbuffered": sys.stdout.write_through,
 }
 print(json.dumps(seen), flush=True)
 print("stage stderr", file=sys.stderr)
@@ -371,13 +372,28 @@ def test_the_stages_exit_status_is_the_stand_ins(
     assert stderr in done.stderr
 
 
-def test_an_interpreter_option_means_a_plain_stage(stage_env, checkout) -> None:
-    seen, done = probe(stage_env, checkout, "exit:0", flags=("-u",))
+def test_an_interpreter_option_means_a_plain_stage_but_u(stage_env, checkout) -> None:
+    seen, done = probe(stage_env, checkout, "exit:0", flags=("-B",))
     assert done.returncode == 0 and not seen["torch_imported"]
+    # torchrun starts its ranks with -u: forked, unbuffered as a plain `python -u` would be.
+    forked, done = probe(stage_env, checkout, "exit:0", flags=("-u",))
+    assert done.returncode == 0 and forked["torch_imported"] and forked["unbuffered"]
+    off = stage_env | {warm_server.ENABLED: "off"}
+    assert probe(off, checkout, "exit:0", flags=("-u",))[0]["unbuffered"]
+    # Without -u, as the environment says (PYTHONUNBUFFERED), either way.
+    forked = probe(stage_env, checkout, "exit:0")[0]
+    assert forked["torch_imported"]
+    assert forked["unbuffered"] == probe(off, checkout, "exit:0")[0]["unbuffered"]
 
 
 def test_signals_reach_the_stage_and_a_killed_stand_in_takes_it_along(stage_env, checkout) -> None:
-    def start() -> tuple[subprocess.Popen, int]:
+    def dispositions(ignore_hangups: bool) -> None:
+        # As a shell starts it (pytest-xdist's workers ignore SIGINT, and a child inherits
+        # that), or as `nohup` does.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if ignore_hangups else signal.SIG_DFL)
+
+    def start(ignore_hangups: bool = False) -> tuple[subprocess.Popen, int]:
         (checkout / "stage.pid").unlink(missing_ok=True)
         process = subprocess.Popen(
             [sys.executable, "-m", "stages.probe", "wait"],
@@ -385,7 +401,9 @@ def test_signals_reach_the_stage_and_a_killed_stand_in_takes_it_along(stage_env,
             env=stage_env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=lambda: dispositions(ignore_hangups),
         )
         deadline = time.monotonic() + 60
         while not (checkout / "stage.pid").exists():
@@ -396,6 +414,18 @@ def test_signals_reach_the_stage_and_a_killed_stand_in_takes_it_along(stage_env,
     process, stage = start()
     assert stage != process.pid  # forked
     process.send_signal(signal.SIGTERM)  # the stage's handler exits 7
+    assert process.wait(timeout=30) == 7
+
+    process, stage = start()
+    process.send_signal(signal.SIGINT)  # Ctrl-C: KeyboardInterrupt, then death by SIGINT
+    assert process.wait(timeout=30) == -signal.SIGINT
+
+    process, stage = start(ignore_hangups=True)
+    assert stage != process.pid
+    process.send_signal(signal.SIGHUP)  # ignored, by the stage too
+    time.sleep(1)
+    assert process.poll() is None and Path(f"/proc/{stage}").exists()
+    process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 7
 
     process, stage = start()

@@ -10,8 +10,8 @@ and ``MLFLOW_TRACKING_URI``, aside) and process limits, and exits after
 ``PIPELINE_WARM_SERVER_IDLE`` seconds (default 300) without a request.
 ``PIPELINE_WARM_SERVER=off`` turns it off.
 
-A stage (``python -m stages.<name>``, nothing between ``python`` and ``-m``) hands itself
-over in ``stages/__init__.py``, before it imports anything heavy: the server forks a
+A stage (``python [-u] -m stages.<name>``: torchrun's ranks too) hands itself over first thing
+(``run_stage_warm()``, before it imports anything heavy): the server forks a
 supervisor, which forks the stage in a process group of its own, with the stage's stdin,
 stdout and stderr, environment, working folder, umask, ``sys.path`` and arguments. The
 process DVC started stays as the stage's stand-in: it passes on the signals it gets (SIGINT,
@@ -21,12 +21,13 @@ DVC's process group), the supervisor kills the stage's group at once.
 
 A forked stage or worker runs the same code as a plain one, imported after the fork from the
 stage's own checkout: an edit under stages/ never needs a restart, and one server serves
-every checkout. So this file imports nothing of this package; the server runs it as a script
+every checkout. So the server imports nothing of this package (only a stage's side of this
+file does, when it starts a server or computes a key); it runs this file as a script
 (``python -P warm_server.py``), and the key of a server includes this file's bytes, so a stage
 only ever talks to a server of its own version.
 
 Linux only (abstract unix sockets, pidfds); elsewhere everything starts the plain way. Only
-processes of the server's own user are served. torchrun's ranks start the plain way.
+processes of the server's own user are served.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ DEFAULT_IDLE_S = 300.0
 # when the server lacks it): mlflow and its stores for every worker; torch, pandas and
 # MLflow's pyfunc and evaluation for the workers that log, load and evaluate models; the
 # stages' libraries (the optimizer imports torch._dynamo; transformers is lazy, so its auto
-# classes are named).
+# classes are named). Not matplotlib: it reads ./matplotlibrc from the folder it is imported in.
 PRELOAD = (
     "mlflow",
     "mlflow.store.tracking.sqlalchemy_store",
@@ -72,7 +73,6 @@ PRELOAD = (
     "sklearn.preprocessing",
     "sklearn.feature_extraction.text",
     "scipy.stats",
-    "matplotlib.figure",
     "great_expectations",
     "great_expectations.execution_engine",
     "tokenizers",
@@ -108,8 +108,12 @@ STAGE_PID = "PIPELINE_STAGE_PID"
 PER_STAGE.add(STAGE_PID)
 # How long a stage waits for the server to fork its worker or itself (it answers in ms).
 ANSWER_TIMEOUT_S = 30.0
-# The signals a stage's stand-in passes on to the stage (the rest keep their defaults).
-FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+# The signals a stage's stand-in passes on to the stage's process group, unless it ignores
+# them (as under nohup), in which case the stage ignores them too. Ctrl-Z (SIGTSTP) stops
+# the stage, then the stand-in; SIGCONT (`fg`) goes on to the stage.
+FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGCONT")
+FORWARDED += ("SIGWINCH", "SIGTSTP")
+_GO = b"\0"  # the stand-in's go-ahead: no signal is 0
 # The environment this process started with (this module is imported with the `stages`
 # package, before a stage sets anything): the key of its server, for the stage and for its
 # tracking worker alike, whatever the stage has set by the time it starts the worker.
@@ -289,29 +293,33 @@ def fork_worker(
     return ForkedProcess(pid, fds[0])
 
 
-def stage_module(argv: list[str]) -> str | None:
-    """The stage ``argv`` (``sys.orig_argv``) runs when it is exactly ``python -m
-    stages.<name> [args]``: no interpreter option, which a forked stage would not get, and
-    not a module below a stage (the plain tracking worker)."""
-    if len(argv) < 3 or argv[1] != "-m":
+def stage_command(argv: list[str]) -> tuple[str, list[str], bool] | None:
+    """The stage module, its arguments and whether ``-u`` was given, when ``argv``
+    (``sys.orig_argv``) is exactly ``python [-u] -m stages.<name> [args]`` (torchrun starts its
+    ranks with ``-u``); None for any other interpreter option, which a forked stage would not
+    get, and for a module below a stage (the plain tracking worker)."""
+    options = argv[1 : argv.index("-m")] if "-m" in argv[1:] else None
+    if options not in ([], ["-u"]) or len(argv) < len(options) + 3:
         return None
-    package, _, name = argv[2].partition(".")
+    module = argv[len(options) + 2]
+    package, _, name = module.partition(".")
     if package != "stages" or not name.isidentifier() or name == "core":
         return None
-    return argv[2]
+    return module, argv[len(options) + 3 :], options == ["-u"]
 
 
 def run_stage_warm() -> None:
     """Hand this stage over to the server when one for it listens: never returns then (this
     process exits as the stage did). Returns at once to run the stage here when it is not
-    ``python -m stages.<name>`` (or it is already the forked stage), the server is off or
-    absent (one is started for the stages to come), refuses, or this is a rank of torchrun.
+    ``python [-u] -m stages.<name>`` (or it is already the forked stage), the server is off
+    or absent (one is started for the stages to come), or refuses.
     A stage module calls it first, before it imports anything heavy."""
     package_root = str(Path(__file__).resolve().parents[3])
-    module = stage_module(sys.orig_argv)
+    command = stage_command(sys.orig_argv)
     env = dict(os.environ)
-    if module is None or not enabled(env) or "TORCHELASTIC_RUN_ID" in env or "RANK" in env:
+    if command is None or not enabled(env):
         return
+    module, args, unbuffered = command
     try:
         for fd in (0, 1, 2):
             os.fstat(fd)
@@ -319,49 +327,73 @@ def run_stage_warm() -> None:
         return
     umask = os.umask(0o22)
     os.umask(umask)
+    forwarded = [getattr(signal, name) for name in FORWARDED]
+    ignored = [signum for signum in forwarded if signal.getsignal(signum) == signal.SIG_IGN]
     request = {
         "kind": "stage",
         "env": env | {STAGE_PID: str(os.getpid())},
         "cwd": os.getcwd(),
         "path": sys.path,
         "module": module,
-        "args": sys.orig_argv[3:],
+        "args": args,
+        "unbuffered": unbuffered,
         "umask": umask,
+        "ignored": ignored,
     }
     sock = _connect(address(STARTUP_ENV, package_root), package_root)
     if sock is None:
         return
+    # From here on a signal is held until the stage runs, then passed on to it; or, if it
+    # runs here after all, raised again here.
+    held: list[int] = []
+    handlers = {signum: signal.getsignal(signum) for signum in forwarded if signum not in ignored}
+    for signum in handlers:
+        signal.signal(signum, lambda number, _frame: held.append(number))
     answer = b""
     try:
         if _send_request(sock, [0, 1, 2], request):
             answer = _receive_exactly(sock, _PID.size)
-    except OSError:  # a timeout: closing the connection makes the supervisor kill the stage
-        pass
+            if answer != _PID.pack(0):
+                sock.sendall(_GO)  # the supervisor lets the stage start only on this byte
+    except OSError:  # a timeout: the supervisor sees the connection close and kills the stage
+        answer = b""
     if len(answer) != _PID.size or answer == _PID.pack(0):
         sock.close()  # refused, or no answer: the stage runs here
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        for signum in held:
+            os.kill(os.getpid(), signum)
         return
-    _stand_in(sock, _PID.unpack(answer)[0])
+    _stand_in(sock, _PID.unpack(answer)[0], list(handlers), held)
 
 
-def _stand_in(sock: socket.socket, pid: int) -> None:
-    """Relay signals to the forked stage ``pid`` until its supervisor reports its exit
-    status, then exit with it (never returns)."""
+def _stand_in(sock: socket.socket, pid: int, forwarded: list[int], held: list[int]) -> None:
+    """Pass the signals this process gets (``held`` ones first) on to the forked stage
+    ``pid`` until its supervisor reports its exit status, then exit with it (never
+    returns)."""
 
     def forward(signum: int, _frame) -> None:
         with contextlib.suppress(OSError):
-            sock.sendall(bytes([signum]))
+            if signum == signal.SIGTSTP:  # stop the stage, then this process
+                sock.sendall(bytes([signal.SIGSTOP]))
+                os.kill(os.getpid(), signal.SIGSTOP)
+            else:
+                sock.sendall(bytes([signum]))
 
-    for name in FORWARDED:
-        signal.signal(getattr(signal, name), forward)
+    for signum in forwarded:
+        signal.signal(signum, forward)
+    for signum in held:
+        forward(signum, None)
     sock.settimeout(None)
     try:
         (code,) = _STATUS.unpack(_receive_exactly(sock, _STATUS.size))
     except (OSError, struct.error):
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)  # the supervisor died: leave no stage behind
         print(f"warm server: stage {pid} ended without an exit status", file=sys.stderr)
-        os._exit(1)
-    if code < 0:  # killed by a signal: die of the same one
+        os._exit(1)  # (its supervisor, dying, closed the connection after killing it)
+    if code < 0:  # killed by a signal: die of the same one, without a core of this process
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         with contextlib.suppress(OSError, ValueError):  # (SIGKILL's cannot be set)
             signal.signal(-code, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [-code])
@@ -435,75 +467,95 @@ def _run_worker(request: dict, fds: list[int]) -> None:
         os._exit(1)  # the worker exits on its own; this is for a failure before it
 
 
-def _supervise_stage(conn: socket.socket, request: dict, fds: list[int]) -> int:
+def _supervise_stage(conn: socket.socket, request: dict, fds: list[int]) -> object:
     """In the forked supervisor: fork the stage in a process group of its own, tell the
-    stand-in its pid, pass on the signals the stand-in sends, kill the stage's group if the
-    stand-in dies, and send the stage's exit status (``os.waitstatus_to_exitcode``: minus the
-    signal that killed it). Never returns in the supervisor; returns the exit code in the
-    stage."""
+    stand-in its pid, let the stage start on the stand-in's go-ahead, pass on the signals the
+    stand-in sends, kill the stage's group if the stand-in dies, and send the stage's exit
+    status (``os.waitstatus_to_exitcode``: minus the signal that killed it). Never returns in
+    the supervisor; returns what ``_run_stage`` does in the stage."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    go_read, go_write = os.pipe()
     pid = os.fork()
     if pid == 0:
         conn.close()
+        os.close(go_write)
         os.setpgid(0, 0)
+        if os.read(go_read, 1) != _GO:  # the stand-in gave up: never run
+            os._exit(1)
+        os.close(go_read)
         return _run_stage(request, fds)
-    with contextlib.suppress(OSError):  # (the stage did it first)
-        os.setpgid(pid, pid)
-    for fd in fds:
-        os.close(fd)
-    pidfd = os.pidfd_open(pid)
-    watched = [conn, pidfd]
     try:
+        os.close(go_read)
+        with contextlib.suppress(OSError):  # (the stage did it first)
+            os.setpgid(pid, pid)
+        for fd in fds:
+            os.close(fd)
+        pidfd = os.pidfd_open(pid)
         conn.sendall(_PID.pack(pid))
-    except OSError:
-        watched.remove(conn)
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
-    while True:
-        ready = select.select(watched, [], [])[0]
-        if pidfd in ready:
-            _, status = os.waitpid(pid, 0)
-            with contextlib.suppress(OSError):
-                conn.sendall(_STATUS.pack(os.waitstatus_to_exitcode(status)))
-            os._exit(0)
-        try:
+        watched, started = [conn, pidfd], False
+        while True:
+            ready = select.select(watched, [], [])[0]
+            if pidfd in ready:
+                _, status = os.waitpid(pid, 0)
+                with contextlib.suppress(OSError):
+                    conn.sendall(_STATUS.pack(os.waitstatus_to_exitcode(status)))
+                os._exit(0)
             signals = conn.recv(64)
-        except OSError:
-            signals = b""
-        if not signals:  # the stand-in died (DVC's process group killed): so does the stage
-            watched.remove(conn)
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-        for signum in signals:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signum)
+            if not signals:  # the stand-in died (DVC's process group killed): so does the stage
+                watched.remove(conn)
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
+            if not started and signals[:1] == _GO:
+                started, signals = True, signals[1:]
+                os.write(go_write, _GO)
+            for signum in signals:
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signum)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)  # never a stage without its supervisor
+        os._exit(1)
 
 
-def _run_stage(request: dict, fds: list[int]) -> int:
+# What _run_stage returns for an uncaught KeyboardInterrupt: the process dies of SIGINT.
+INTERRUPTED = object()
+
+
+def _run_stage(request: dict, fds: list[int]) -> object:
     """In the forked stage: take the stage's streams, environment, folder, umask, path and
     arguments, run its module as ``__main__`` the way ``python -m`` does, and return the exit
-    code Python would give (an uncaught KeyboardInterrupt kills it with SIGINT)."""
+    code Python would give (``INTERRUPTED`` for an uncaught KeyboardInterrupt)."""
     import io
     import runpy
     import traceback
 
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()  # nothing of the server's goes into the stage's streams
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
     _become(request)
+    for name in FORWARDED:  # as in the stand-in: ignored there, ignored here
+        signum = getattr(signal, name)
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, signal.SIG_IGN if signum in request["ignored"] else default)
     os.umask(request["umask"])
     sys.path[:] = request["path"]
-    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    # As Python sets them up: `-u` or PYTHONUNBUFFERED leave stdout and stderr unbuffered; else
+    # stderr is line-buffered, and stdout too on a terminal.
+    unbuffered = request["unbuffered"] or bool(os.environ.get("PYTHONUNBUFFERED"))
     streams = {}
     for name, fd in (("stdin", 0), ("stdout", 1), ("stderr", 2)):
         old = getattr(sys, name)
-        line = fd == 2 or os.isatty(fd)
+        raw = fd != 0 and unbuffered
         stream = io.TextIOWrapper(
-            open(fd, "rb" if fd == 0 else "wb", closefd=False),  # noqa: SIM115
+            open(fd, "rb" if fd == 0 else "wb", buffering=0 if raw else -1, closefd=False),  # noqa: SIM115
             encoding=old.encoding,
             errors=old.errors,
-            line_buffering=line and fd != 0,
-            write_through=unbuffered and fd != 0,
+            newline="\n" if fd == 0 else None,
+            line_buffering=fd != 0 and (fd == 2 or os.isatty(fd)),
+            write_through=raw,
         )
         streams[name] = stream
     sys.stdin = sys.__stdin__ = streams["stdin"]
@@ -517,7 +569,7 @@ def _run_stage(request: dict, fds: list[int]) -> int:
         code = exc.code
     except KeyboardInterrupt:
         traceback.print_exc()
-        code = -signal.SIGINT
+        return INTERRUPTED
     except BaseException:
         sys.excepthook(*sys.exc_info())
         code = 1
@@ -529,13 +581,13 @@ def _run_stage(request: dict, fds: list[int]) -> int:
     return code
 
 
-def _serve_requests(name: str) -> int | None:
+def _serve_requests(name: str) -> object:
     """The server: claim the name, preload, listen, and fork one worker or stage per request
     until idle. Stages that ask while it preloads find it not listening yet and start the
     plain way (and a server that exits at once: the name is taken). A server that finds it
     cannot fork safely keeps the name, refusing every request, until idle: the stages then
-    start the plain way without starting servers again. Returns None in the server, and the
-    stage's exit code in a forked stage."""
+    start the plain way without starting servers again. Returns None in the server, and what
+    ``_run_stage`` returns in a forked stage."""
     import importlib
     import threading
 
@@ -548,8 +600,12 @@ def _serve_requests(name: str) -> int | None:
     for module in PRELOAD:
         with contextlib.suppress(Exception):  # a stage that needs it fails the plain way
             importlib.import_module(module)
-    # Forking a process with other threads is unsafe (a lock one of them holds stays held).
-    refusing = threading.active_count() != 1
+    # Forking a process with other threads is unsafe (a lock one of them holds stays held),
+    # and a CUDA context does not survive a fork (no import should make one; if one did, a
+    # stage on the GPU would fail).
+    torch = sys.modules.get("torch")
+    cuda = torch is not None and torch.cuda.is_initialized()
+    refusing = threading.active_count() != 1 or cuda
     listener.listen(16)
     listener.settimeout(idle_seconds(dict(os.environ)))
     while True:
@@ -570,11 +626,11 @@ def _serve_requests(name: str) -> int | None:
                 pass
 
 
-def _answer(conn: socket.socket, listener: socket.socket) -> int | None:
+def _answer(conn: socket.socket, listener: socket.socket) -> object:
     """Read one request from ``conn``. For a worker: fork it and answer with its pid and a
     pidfd (opened before the worker can be reaped, so it names that worker and no later
     process). For a stage: fork its supervisor, which answers. Returns None in the server,
-    and the stage's exit code in a forked stage."""
+    and what ``_run_stage`` returns in a forked stage."""
     conn.settimeout(ANSWER_TIMEOUT_S)
     fds: list[int] = []
     try:
@@ -583,11 +639,15 @@ def _answer(conn: socket.socket, listener: socket.socket) -> int | None:
             raise ValueError("a malformed request")
         (size,) = _HEADER.unpack(header)
         request = json.loads(_receive_exactly(conn, size))
-    except (OSError, ValueError):
+        if not isinstance(request, dict) or request.get("kind") not in ("stage", "worker"):
+            raise ValueError("a malformed request")
+        pid = os.fork()
+    except (OSError, ValueError):  # (a fork that failed: the stage runs the plain way)
         for fd in fds:
             os.close(fd)
+        with contextlib.suppress(OSError):
+            conn.sendall(_PID.pack(0))
         return None
-    pid = os.fork()
     if pid == 0:
         listener.close()
         if request.get("kind") == "stage":
@@ -613,11 +673,11 @@ if __name__ == "__main__":
     if os.fork() > 0:
         os._exit(0)
     stage_exit = _serve_requests(bytes.fromhex(sys.argv[1]).decode())
-    if stage_exit is not None and stage_exit < 0:  # a KeyboardInterrupt: die of SIGINT
+    if stage_exit is INTERRUPTED:  # as Python ends after an uncaught KeyboardInterrupt
         import atexit
 
         atexit._run_exitfuncs()
         sys.stdout.flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
-    sys.exit(stage_exit)
+    sys.exit(stage_exit)  # None in the server; in a forked stage its exit code
