@@ -313,6 +313,18 @@ def probe(
     return json.loads(done.stdout.splitlines()[0]), done
 
 
+def start_probe(env: dict, root: Path, action: str, **options) -> subprocess.Popen:
+    """``python -m stages.probe action`` in ``root``, running: stdin closed, ``options`` for
+    Popen (its output, umask, session, signal dispositions)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.probe", action],
+        cwd=root,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        **options,
+    )
+
+
 @pytest.fixture
 def stage_env(server_env, checkout) -> dict:
     """``server_env`` once a probe stage has found its server listening."""
@@ -338,16 +350,8 @@ def test_a_stage_runs_forked_with_what_it_would_have_had(stage_env, checkout) ->
 
 
 def test_the_stand_in_is_the_stage_for_lineage_and_lends_its_umask(stage_env, checkout) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "stages.probe", "exit:0"],
-        cwd=checkout,
-        env=stage_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        text=True,
-        umask=0o027,
-    )
-    seen = json.loads(process.stdout.readline())
+    process = start_probe(stage_env, checkout, "exit:0", stdout=subprocess.PIPE, umask=0o027)
+    seen = json.loads(process.stdout.readline().decode())
     assert process.wait(timeout=60) == 0
     assert seen["torch_imported"]
     assert seen["stage_pid"] == str(process.pid) != str(seen["pid"])
@@ -395,11 +399,10 @@ def test_signals_reach_the_stage_and_a_killed_stand_in_takes_it_along(stage_env,
 
     def start(ignore_hangups: bool = False) -> tuple[subprocess.Popen, int]:
         (checkout / "stage.pid").unlink(missing_ok=True)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "stages.probe", "wait"],
-            cwd=checkout,
-            env=stage_env,
-            stdin=subprocess.DEVNULL,
+        process = start_probe(
+            stage_env,
+            checkout,
+            "wait",
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
