@@ -30,7 +30,7 @@ from stages.core.modeling.model import Classifier, ModelConfig, fit_scaling
 os.environ.update(QUIET_ENV)
 # The text tests build their checkpoints locally: nothing may come from the Hugging Face hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
-# The warm tracking-worker servers the tests start outlive the gaps between the e2e tests (a
+# The warm servers the tests start outlive the gaps between the e2e tests (a
 # server that idled out costs its imports again), and exit 10 minutes after their last stage.
 os.environ.setdefault("PIPELINE_WARM_SERVER_IDLE", "600")
 

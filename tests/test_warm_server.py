@@ -71,7 +71,7 @@ def wait_for_server(env: dict, root: Path = REPO_ROOT, timeout: float = 60) -> N
                 return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise AssertionError("no worker server came up") from None
+                    raise AssertionError("no warm server came up") from None
         time.sleep(0.2)
 
 
