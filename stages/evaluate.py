@@ -2,11 +2,11 @@
 -> metrics/evaluate.json, plots/{confusion,roc,precision_recall}.csv, plots/per_class/,
 reports/evaluation.md, reports/figures/."""
 
-from stages.core.common.warm_server import run_stage_warm
+from stages.core.common.warm_start import run_stage_warm
 from stages.core.tracking.runs import start_worker
 
 # First, before the imports below: a warm server, when one runs, takes the stage over
-# (stages/core/common/warm_server.py); else MLflow's worker process starts and imports mlflow
+# (stages/core/common/warm_start.py); else MLflow's worker process starts and imports mlflow
 # (and what logging the model needs) on another core meanwhile.
 if __name__ == "__main__":
     run_stage_warm()

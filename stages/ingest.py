@@ -1,11 +1,11 @@
 """Stage ingest: the source in params -> data/raw/dataset.parquet (features, label, domain; for
 a text dataset text, label, domain)."""
 
-from stages.core.common.warm_server import run_stage_warm
+from stages.core.common.warm_start import run_stage_warm
 from stages.core.tracking.runs import start_worker
 
 # First, before the imports below: a warm server, when one runs, takes the stage over
-# (stages/core/common/warm_server.py); else MLflow's worker process starts and imports mlflow
+# (stages/core/common/warm_start.py); else MLflow's worker process starts and imports mlflow
 # on another core meanwhile.
 if __name__ == "__main__":
     run_stage_warm()

@@ -3,11 +3,11 @@ the leakage check (no feature row in two parts of a domain; for text, no normali
 two parts) and the drift report -> reports/drift.json, metrics/drift.json, plots/drift.csv.
 A one-domain text dataset's splits are written under both roles (target_* = base_*)."""
 
-from stages.core.common.warm_server import run_stage_warm
+from stages.core.common.warm_start import run_stage_warm
 from stages.core.tracking.runs import start_worker
 
 # First, before the imports below: a warm server, when one runs, takes the stage over
-# (stages/core/common/warm_server.py); else MLflow's worker process starts and imports mlflow
+# (stages/core/common/warm_start.py); else MLflow's worker process starts and imports mlflow
 # on another core meanwhile.
 if __name__ == "__main__":
     run_stage_warm()

@@ -3,11 +3,11 @@ a tokenizer trained on the pretraining texts (model.tokenizer: wordpiece or bpe)
 models/tokenizer/. A run that trains none (no text, or kind pretrained) writes only
 models/tokenizer/tokenizer_info.json saying why, without importing transformers."""
 
-from stages.core.common.warm_server import run_stage_warm
+from stages.core.common.warm_start import run_stage_warm
 from stages.core.tracking.runs import start_worker
 
 # First, before the imports below: a warm server, when one runs, takes the stage over
-# (stages/core/common/warm_server.py); else MLflow's worker process starts and imports mlflow
+# (stages/core/common/warm_start.py); else MLflow's worker process starts and imports mlflow
 # on another core meanwhile.
 if __name__ == "__main__":
     run_stage_warm()

@@ -6,11 +6,11 @@ model on the train splits' texts instead (stages.core.modeling.pretraining). Run
 torchrun and trains with DDP. A killed run resumes from its last checkpoint
 (``.checkpoints/train/``) and continues the same MLflow run."""
 
-from stages.core.common.warm_server import run_stage_warm
+from stages.core.common.warm_start import run_stage_warm
 from stages.core.tracking.runs import start_worker
 
 # First, before the imports below: a warm server, when one runs, takes the stage over
-# (stages/core/common/warm_server.py); else MLflow's worker process starts and imports mlflow
+# (stages/core/common/warm_start.py); else MLflow's worker process starts and imports mlflow
 # (and what logging the model needs) on another core meanwhile.
 if __name__ == "__main__":
     run_stage_warm()

@@ -1,6 +1,6 @@
-"""The warm server (stages/core/common/warm_server.py): real servers, real forks of tracking
-workers and of stages, real MLflow runs. The module shares one server of its own (a variable
-of its own in its key); the idle test starts another."""
+"""The warm server (stages/core/common/warm_server.py) and a stage's side of it (warm_start.py):
+real servers, real forks of tracking workers and of stages, real MLflow runs. The module shares
+one server of its own (a variable of its own in its key); the idle test starts another."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, TEST_EXPERIMENT
 
-from stages.core.common import warm_server
-from stages.core.common.warm_server import address
+from stages.core.common import warm_server, warm_start
+from stages.core.common.warm_start import address
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the server is Linux only")
 
@@ -120,7 +120,7 @@ def test_stages_after_the_first_get_forked_workers_that_record_the_same(
     assert forked.data.params == first.data.params == {"seed": "7"}
     assert forked.data.metrics == first.data.metrics == {"rows": 42.0}
     assert forked.info.run_name == first.info.run_name == "split"
-    off_kind, _ = run_stage(server_env | {warm_server.ENABLED: "off"})
+    off_kind, _ = run_stage(server_env | {warm_start.ENABLED: "off"})
     assert off_kind == "Popen"
 
 
@@ -188,7 +188,7 @@ def test_the_key_holds_the_process_limits() -> None:
     env = {"PATH": "/usr/bin"}
     script = (
         "import json, os, sys\n"
-        "from stages.core.common.warm_server import address\n"
+        "from stages.core.common.warm_start import address\n"
         "os.nice(int(sys.argv[2]))\n"
         "print(address(json.loads(sys.argv[1]), '/r')[1:])\n"
     )
@@ -248,7 +248,7 @@ PROBE = """\
 import json, os, signal, sys, time
 from pathlib import Path
 
-from stages.core.common.warm_server import STAGE_PID, run_stage_warm
+from stages.core.common.warm_start import STAGE_PID, run_stage_warm
 
 if __name__ == "__main__":  # first, as every stage module does
     run_stage_warm()
@@ -341,7 +341,7 @@ def test_a_stage_runs_forked_with_what_it_would_have_had(stage_env, checkout) ->
     assert (seen["cwd"], seen["path0"]) == (str(checkout), str(checkout))
     assert seen["stdin"] == "from stdin" and seen["name"] == "__main__"
     assert done.stderr == "stage stderr\n"
-    plain, done = probe(stage_env | {warm_server.ENABLED: "off"}, checkout, "exit:0", "more")
+    plain, done = probe(stage_env | {warm_start.ENABLED: "off"}, checkout, "exit:0", "more")
     assert done.returncode == 0 and done.stderr == "stage stderr\n"
     assert not plain["torch_imported"] and plain["stage_pid"] is None
     assert {k: v for k, v in plain.items() if k not in PROCESS} == {
@@ -382,7 +382,7 @@ def test_an_interpreter_option_means_a_plain_stage_but_u(stage_env, checkout) ->
     # torchrun starts its ranks with -u: forked, unbuffered as a plain `python -u` would be.
     forked, done = probe(stage_env, checkout, "exit:0", flags=("-u",))
     assert done.returncode == 0 and forked["torch_imported"] and forked["unbuffered"]
-    off = stage_env | {warm_server.ENABLED: "off"}
+    off = stage_env | {warm_start.ENABLED: "off"}
     assert probe(off, checkout, "exit:0", flags=("-u",))[0]["unbuffered"]
     # Without -u, as the environment says (PYTHONUNBUFFERED), either way.
     forked = probe(stage_env, checkout, "exit:0")[0]

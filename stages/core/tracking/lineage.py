@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from stages.core.common.warm_server import STAGE_PID
+from stages.core.common.warm_start import STAGE_PID
 from stages.core.common.yaml_files import read_yaml
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.common.errors import TrackingError
-from stages.core.common.warm_server import STAGE_PID, ForkedProcess, Unanswered, fork_worker
+from stages.core.common.warm_start import STAGE_PID, ForkedProcess, Unanswered, fork_worker
 from stages.core.tracking.recorder import Recorder
 from stages.core.tracking.store import describe_failure, redact, tracking_uri
 
