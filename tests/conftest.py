@@ -52,9 +52,34 @@ TEST_EXPERIMENT = "unit-tests"
 
 
 @pytest.fixture(scope="session")
-def mlflow_dir(tmp_path_factory) -> Path:
-    """The directory of the session's MLflow store (``mlflow.db``, created on first use)."""
-    return tmp_path_factory.mktemp("mlflow")
+def empty_store(tmp_path_factory) -> Path:
+    """A folder holding an MLflow store as MLflow creates it (``mlflow.db``: its tables and
+    Default experiment), built once per test run (``built_once``). ``new_store`` copies it
+    where a test needs a store of its own, sparing MLflow's 3-4 s of schema migrations each
+    time; a fresh clone's first run still creates its store (test_mlflow_e2e.py)."""
+
+    def build(target: Path) -> None:
+        from mlflow.tracking import MlflowClient
+
+        target.mkdir(parents=True)
+        assert MlflowClient(f"sqlite:///{target / 'mlflow.db'}").search_experiments()
+
+    return built_once(tmp_path_factory, "empty-store", build)
+
+
+def new_store(empty_store: Path, target: Path, name: str = "mlflow.db") -> str:
+    """A copy of ``empty_store``'s store at ``target / name``, and its tracking URI."""
+    target.mkdir(parents=True, exist_ok=True)
+    copy_mlflow_store(empty_store, target, name)
+    return f"sqlite:///{target / name}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_dir(tmp_path_factory, empty_store: Path) -> Path:
+    """The directory of the session's MLflow store (``mlflow.db``)."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    new_store(empty_store, folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -298,16 +323,16 @@ def copy_project(source: Path, target: Path, files: list[str] | None = None) -> 
     return target
 
 
-def copy_mlflow_store(source: Path, target: Path) -> None:
+def copy_mlflow_store(source: Path, target: Path, name: str = "mlflow.db") -> None:
     """Copy the local store (``mlflow.db`` + ``mlartifacts/``) of repo ``source`` into repo
-    ``target``, pointing every absolute path it records at the copy."""
+    ``target`` (as ``name``), pointing every absolute path it records at the copy."""
     import sqlite3
 
-    shutil.copy2(source / "mlflow.db", target / "mlflow.db")
+    shutil.copy2(source / "mlflow.db", target / name)
     if (source / "mlartifacts").is_dir():
         shutil.copytree(source / "mlartifacts", target / "mlartifacts")
     old, new = str(source.resolve()), str(target.resolve())
-    with contextlib.closing(sqlite3.connect(target / "mlflow.db")) as db, db:
+    with contextlib.closing(sqlite3.connect(target / name)) as db, db:
         tables = [row[0] for row in db.execute("select name from sqlite_master where type='table'")]
         for table in tables:
             for column in db.execute(f"pragma table_info('{table}')").fetchall():
@@ -320,12 +345,15 @@ def copy_mlflow_store(source: Path, target: Path) -> None:
                     )
 
 
-def new_project_repo(target: Path, env: dict) -> Path:
+def new_project_repo(target: Path, env: dict, empty_store: Path | None = None) -> Path:
     """A new git repo at ``target`` holding the project's code, params and DVC config, committed
-    (nothing run yet)."""
+    (nothing run yet); with ``empty_store``, a copy of it as the repo's MLflow store (not in
+    git, as ``mlflow.db`` never is)."""
     repo = copy_project(REPO_ROOT, target, PROJECT_FILES)
     run_command(["git", "init", "-q", "-b", "main"], repo, env)
     commit_all(repo, env, "project")
+    if empty_store is not None:
+        new_store(empty_store, repo)
     return repo
 
 
@@ -351,13 +379,13 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pristine_repo(tmp_path_factory, pipeline_env: dict) -> Path:
+def pristine_repo(tmp_path_factory, pipeline_env: dict, empty_store: Path) -> Path:
     """A git repo with the project's code and default params after one cold `dvc repro`, its
     outputs committed. Shared by the whole run (built once, see ``built_once``): tests read it;
     tests that change anything work on ``pipeline_repo``, a private copy."""
 
     def build(target: Path) -> None:
-        repo = new_project_repo(target, pipeline_env)
+        repo = new_project_repo(target, pipeline_env, empty_store)
         cold = run_command(["dvc", "repro"], repo, pipeline_env)
         assert ran_stages(cold.stdout) == PIPELINE_STAGES, cold.stdout
         (repo / "cold_repro.log").write_text(cold.stdout)

@@ -23,6 +23,7 @@ from conftest import (
     PIPELINE_STAGES,
     REPO_ROOT,
     commit_all,
+    new_store,
     ran_stages,
     run_command,
     run_queued_experiments,
@@ -274,7 +275,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def test_tracking_server_registry_and_serving(
-    pipeline_repo: Path, pipeline_env: dict, tmp_path: Path
+    pipeline_repo: Path, pipeline_env: dict, tmp_path: Path, empty_store: Path
 ) -> None:
     """The pipeline logs to a real `mlflow server` (SQLite backend, proxied artifacts); the
     champion read back from it predicts, and `mlflow models serve` answers HTTP requests."""
@@ -287,7 +288,7 @@ def test_tracking_server_registry_and_serving(
     server = start(
         [
             str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+            "--backend-store-uri", new_store(empty_store, tmp_path, "server.db"),
             "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1",
         ],
         # Without the GenAI job runner, as `make ui` and the team stack serve (about 8 fewer

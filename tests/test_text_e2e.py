@@ -33,9 +33,9 @@ def unique_texts(n: int) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def text_repo(tmp_path_factory, pipeline_env: dict) -> tuple[Path, str]:
+def text_repo(tmp_path_factory, pipeline_env: dict, empty_store) -> tuple[Path, str]:
     """A project repo with a text CSV and a tiny BERT under data/, after one `dvc repro`."""
-    repo = new_project_repo(tmp_path_factory.mktemp("text"), pipeline_env)
+    repo = new_project_repo(tmp_path_factory.mktemp("text"), pipeline_env, empty_store)
     (repo / "data/source").mkdir(parents=True, exist_ok=True)
     unique_texts(ROWS).to_csv(repo / "data/source/reviews.csv", index=False)
     build_bert(repo / "data/pretrained/tiny-bert")

@@ -167,7 +167,8 @@ def test_the_key_ignores_what_differs_per_stage_and_nothing_else() -> None:
     per_stage = env | {"MLFLOW_TRACKING_URI": "sqlite:///x.db", "DVC_EXP_NAME": "exp-1"}
     assert address(per_stage | {"PYTHONPATH": "/other"}, "/other") == base
     torchrun = {"RANK": "0", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "a1b2"}
-    assert address(env | torchrun | {"MAKELEVEL": "1"}, "/repo") == base
+    make = {"MAKELEVEL": "1", "VENV": "/work/.venv", "NO_MKDOCS_2_WARNING": "1"}
+    assert address(env | torchrun | make, "/repo") == base
     assert address(env | {"PATH": "/usr/bin:/usr/bin"}, "/repo") == base  # the same lookups
     assert address(env | {"PATH": "/bin:/usr/bin"}, "/repo") != base
     assert address(env | {"OMP_NUM_THREADS": "2"}, "/repo") != base
@@ -176,7 +177,8 @@ def test_the_key_ignores_what_differs_per_stage_and_nothing_else() -> None:
     # What the stage's own code sets, with the values it sets, changes nothing...
     defaults = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_HTTP_REQUEST_TIMEOUT": "6"}
     assert address(env | defaults, "/repo") == base
-    assert address(env | {"MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}, "/repo") != base
+    # MLflow reads its HTTP timeout and retries for each request.
+    assert address(env | {"MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}, "/repo") == base
     # ... nor what libraries set when a test process imports them, nor the queue's workers.
     imported = {"TORCHINDUCTOR_CACHE_DIR": "/tmp/x", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
     queue = {"CELERY_LOG_LEVEL": "20", "_MP_FORK_LOGLEVEL_": "20", "PIPELINE_TRACKING": "off"}
@@ -231,8 +233,17 @@ def test_only_the_servers_own_user_is_served(server_env) -> None:
 
 
 def test_an_idle_server_exits(mlflow_uri) -> None:
-    env = new_server_env(mlflow_uri, idle_s=3)
-    run_stage(env)
+    # Preloading nothing: what it would import is not what this test is about.
+    env = new_server_env(mlflow_uri, idle_s=3) | {warm_server.PRELOAD_VAR: ""}
+    start = "import os; from stages.core.common import warm_start as w; root = os.getcwd(); "
+    start += "w._start_server(w.address(dict(os.environ), root), root)"
+    subprocess.run(
+        [sys.executable, "-c", start],
+        cwd=REPO_ROOT,
+        env=env | {"PYTHONPATH": str(REPO_ROOT)},
+        check=True,
+        timeout=60,
+    )
     wait_for_server(env)
     up_since = time.monotonic()
     # Watched in the kernel's socket table: a connection would count as a request.
@@ -240,6 +251,17 @@ def test_an_idle_server_exits(mlflow_uri) -> None:
         time.sleep(0.2)
     assert 3 <= time.monotonic() - up_since < 30  # gone after its idle seconds, not before
     assert run_stage(env)[0] == "Popen"
+
+
+def test_what_a_server_preloads_is_a_setting() -> None:
+    default = warm_server.preload_modules({})
+    assert "torch" in default and "great_expectations" in default
+    assert warm_server.preload_modules({warm_server.PRELOAD_VAR: ""}) == ()
+    assert warm_server.preload_modules({warm_server.PRELOAD_VAR: "json, csv"}) == ("json", "csv")
+    assert warm_server.preload_modules({warm_server.PRELOAD_VAR: "+lightgbm"}) == (
+        *default,
+        "lightgbm",
+    )
 
 
 # A stage of a copied checkout (stages/probe.py): what it finds when it starts, then what its

@@ -19,7 +19,8 @@ every checkout. So this file imports nothing of this package: the server runs it
 (``python -P warm_server.py``), and a server's key includes the bytes of this file and of
 warm_start.py, so a stage only ever talks to a server of its own version.
 
-A server exits after ``PIPELINE_WARM_SERVER_IDLE`` seconds (default 300) without a request.
+A server exits after ``PIPELINE_WARM_SERVER_IDLE`` seconds (default 300) without a request;
+``PIPELINE_WARM_SERVER_PRELOAD`` changes what it imports (see PRELOAD_VAR).
 Linux only (abstract unix sockets, pidfds); only processes of the server's own user are
 served.
 """
@@ -37,6 +38,9 @@ import sys
 
 IDLE = "PIPELINE_WARM_SERVER_IDLE"
 DEFAULT_IDLE_S = 300.0
+# Modules, comma-separated, instead of PRELOAD ("" preloads nothing); with a leading "+", in
+# addition to it (the libraries of a user's own stages).
+PRELOAD_VAR = "PIPELINE_WARM_SERVER_PRELOAD"
 # What the stages and their tracking workers import (each only what it uses, at its own cost
 # when the server lacks it): mlflow and its stores for every worker; torch, pandas and
 # MLflow's pyfunc and evaluation for the workers that log, load and evaluate models; the
@@ -81,6 +85,16 @@ GO = b"\0"  # the stand-in's go-ahead: no signal is 0
 HEADER = struct.Struct("!Q")  # a request: its length, then its JSON
 PID = struct.Struct("!i")  # an answer: the forked pid (0: refused)
 STATUS = struct.Struct("!i")  # a stage's end: os.waitstatus_to_exitcode
+
+
+def preload_modules(env: dict[str, str]) -> tuple[str, ...]:
+    """What a server imports before it serves: PRELOAD, or what ``PIPELINE_WARM_SERVER_PRELOAD``
+    names (see PRELOAD_VAR)."""
+    value = env.get(PRELOAD_VAR)
+    if value is None:
+        return PRELOAD
+    named = tuple(name.strip() for name in value.removeprefix("+").split(",") if name.strip())
+    return PRELOAD + named if value.startswith("+") else named
 
 
 def idle_seconds(env: dict[str, str]) -> float:
@@ -272,7 +286,7 @@ def _serve_requests(name: str) -> object:
     except OSError:  # another stage started the same server first
         return None
     os.chdir("/")  # hold no stage's folder
-    for module in PRELOAD:
+    for module in preload_modules(dict(os.environ)):
         with contextlib.suppress(Exception):  # a stage that needs it fails the plain way
             importlib.import_module(module)
     # Forking a process with other threads is unsafe (a lock one of them holds stays held),

@@ -58,10 +58,15 @@ PER_STAGE |= {"MASTER_PORT", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROL
 PER_STAGE |= {"ROLE_WORLD_SIZE"}
 # make's, when a stage runs under `make pipeline` (as against `dvc repro` in a shell)
 PER_STAGE |= {"MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR"}
+# and our Makefile's own: those set on make's command line reach its recipes, and it exports
+# MkDocs' switch
+PER_STAGE |= {"VENV", "PYTHON", "TORCH_INDEX", "PYTEST_WORKERS", "NO_MKDOCS_2_WARNING"}
 # Our own switch, read when a stage starts tracking, not by any import.
 PER_STAGE.add("PIPELINE_TRACKING")
 # DVC's, its queue's (celery, multiprocessing's fork logging), pytest's and torchrun's
 PER_STAGE_PREFIXES = ("DVC_", "CELERY_", "_MP_FORK_", "PYTEST_", "TORCHELASTIC_", "TORCH_NCCL_")
+# MLflow's HTTP timeout and retries, which it reads for each request
+PER_STAGE_PREFIXES += ("MLFLOW_HTTP_REQUEST_",)
 # Set by libraries in their own process when imported (torch's inductor, transformers, the
 # OpenMP runtime's guards): a fresh process sets them the same way, so they say nothing about
 # the server a stage needs (a test process that imported them passes them on to its stages).
