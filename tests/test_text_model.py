@@ -285,6 +285,16 @@ def test_hf_params() -> None:
         parse_params({"model": {"arch": "hf"}})
     with pytest.raises(ParamsError, match="train.objective: none needs model.arch: hf"):
         parse_params({"train": {"objective": "none"}})
+    with pytest.raises(
+        ParamsError, match=r"^params.yaml: finetune.pooling applies to arch hf only \(arch is"
+    ):
+        parse_params({"finetune": {"pooling": "mean"}})
+    with pytest.raises(
+        ParamsError, match="^params.yaml: evaluate.scratch_strategy: same applies to arch hf"
+    ):
+        parse_params({"evaluate": {"scratch_strategy": "same"}})
+    with pytest.raises(ParamsError, match="^params.yaml: finetune.pooling: "):
+        parse_params({"finetune": {"pooling": "max"}})
 
 
 def test_lora_resumes_after_a_kill_to_the_same_bytes(tiny_checkpoints, tmp_path) -> None:
@@ -398,3 +408,81 @@ def test_scratch_and_body_lr_groups(trained) -> None:
     assert body["lr"] == 1e-4 and "lr" not in head
     assert [p.shape for p in head["params"]] == [(2, 16), (2,)]
     assert len(body["params"]) + 2 == len(list(model.parameters()))
+
+
+def _mean_model(folder: Path, seed: int = 5):
+    """``folder``'s checkpoint with a fresh head that reads the mean of the body's states."""
+    model, tokenizer, config = _load(folder)
+    mean, mean_config = text.with_new_head(model, config, CLASSES, seed, pooling="mean")
+    return mean, tokenizer, mean_config
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mean_pooling_averages_the_states_of_the_real_tokens(tiny_checkpoints, family) -> None:
+    """The logits are the head on the average of the last hidden states over the text's own
+    tokens (from HF's full forward, one text at a time, unpadded), whichever texts share the
+    batch; the architecture's own pooling gives other logits from the same weights."""
+    model, tokenizer, config = _mean_model(tiny_checkpoints[family])
+    assert config.pooling == "mean"
+    texts = ["good", "the movie was very bad and the food was really awful this day"]
+    batched = text.predict_texts(model, tokenizer, texts, config.max_length).float()
+    head = model.hf.get_submodule(config.head[0])
+    model.eval()
+    for row, one in zip(batched, texts, strict=True):
+        ids = tokenizer(one, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            states = model.hf(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+            logits = head(states.mean(0, keepdim=True).unsqueeze(1))
+        logits = logits[:, 0] if logits.dim() == 3 else logits
+        assert torch.allclose(row, torch.softmax(logits[0], -1), atol=1e-5)
+    own = text.TextClassifier(model.hf)  # the same weights read the architecture's way
+    assert not torch.allclose(
+        text.predict_texts(own, tokenizer, texts, config.max_length).float(), batched, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mean_pooling_is_saved_and_cached_and_kept_by_lora(tiny_checkpoints, tmp_path, family):
+    """A mean-pooled head trains on cached inputs (the fast head path), is saved with its
+    pooling and reloads to the same predictions; under LoRA it survives the merge."""
+    model, tokenizer, config = _mean_model(tiny_checkpoints[family])
+    text.adapt(model, config, "head")
+    train, val = (
+        _data(tokenizer, config.max_length, 64, 12),
+        _data(tokenizer, config.max_length, 16, 13),
+    )
+    result = text.fit_head_on_embeddings(
+        model, config, train, val, replace(OPTIONS, epochs=20, lr=0.05)
+    )
+    assert result is not None and result.history[-1].train_loss < result.history[0].train_loss
+    proba = predict_proba(model, val)
+    accuracy = float((proba.argmax(1) == val.y).float().mean())
+    assert accuracy == pytest.approx(result.history[-1].val_accuracy)
+    text.save_text_model(tmp_path / "mean", model, tokenizer, config)
+    loaded, _, loaded_config = text.load_text_model(tmp_path / "mean")
+    assert loaded_config.pooling == "mean" and loaded.pooling == "mean"
+    assert torch.equal(predict_proba(loaded, val), proba)
+
+    model, tokenizer, config = _mean_model(tiny_checkpoints[family])
+    torch.manual_seed(2)
+    lora = text.adapt(model, config, "lora", LoraParams(rank=4, alpha=8, dropout=0.0))
+    fit(lora, train, val, replace(OPTIONS, epochs=2))
+    expected = predict_proba(lora, val)
+    merged = text.merge(lora)
+    assert merged.pooling == "mean" and not hasattr(merged.hf, "peft_config")
+    assert torch.allclose(predict_proba(merged, val), expected, atol=1e-6)
+
+
+def test_mean_pooling_needs_a_head_of_one_module() -> None:
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    hf = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    )
+    with pytest.raises(ParamsError) as caught:
+        text.check_pooling(hf, "mean")
+    assert str(caught.value) == (
+        "finetune.pooling: mean needs a head of one module; this distilbert model's is 2 "
+        "(pre_classifier, classifier)"
+    )
+    text.check_pooling(hf, None)  # the architecture's own pooling needs nothing

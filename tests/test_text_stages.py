@@ -25,7 +25,7 @@ from stages.core.evaluation.text_scoring import (
     tfidf_baseline,
 )
 from stages.core.modeling.finetuning import finetune_text, sample_shots
-from stages.core.modeling.text import load_text_model, save_text_model
+from stages.core.modeling.text import load_text_model, save_text_model, with_new_head
 from stages.core.modeling.text_training import train_text
 
 
@@ -104,6 +104,49 @@ def test_classify_then_finetune_learn_the_words(tiny_checkpoints, tmp_path) -> N
     # From random weights: the body differs from the base's.
     tuned_body = tuned.model.hf.bert.embeddings.word_embeddings.weight
     assert not scratch.model.hf.bert.embeddings.word_embeddings.weight.equal(tuned_body)
+
+
+def test_a_scratch_control_of_the_same_strategy_trains_a_head_on_random_features(
+    tiny_checkpoints,
+) -> None:
+    """evaluate.scratch_strategy same with finetune.strategy head: the random body stays as it
+    was drawn and only the head trains; full (the default) trains every layer. Both read the
+    body with finetune.pooling."""
+    model, tokenizer, config = load_text_model_from(tiny_checkpoints["bert"])
+    train, val = split(40, 1), split(20, 2)
+    runs = {}
+    for control in ("same", "full"):
+        params = text_params(
+            tiny_checkpoints["bert"],
+            finetune={"strategy": "head", "pooling": "mean", "epochs": 3},
+            evaluate={"scratch_strategy": control},
+        )
+        runs[control] = finetune_text(
+            model, tokenizer, config, train, val, params, 5, keep_body=False
+        )
+    same, full = runs["same"], runs["full"]
+    assert same.model.pooling == full.model.pooling == same.config.pooling == "mean"
+    head = sum(p.numel() for p in same.model.hf.classifier.parameters())
+    assert same.trainable_parameters == head
+    assert full.trainable_parameters == sum(p.numel() for p in full.model.parameters())
+    # Same seed, same random draw: the frozen body is the one drawn, the trained one moved.
+    drawn = with_new_head(model, config, ["neg", "pos"], 5, keep_body=False)[0].hf.bert
+    assert drawn.embeddings.word_embeddings.weight.equal(
+        same.model.hf.bert.embeddings.word_embeddings.weight
+    )
+    assert not drawn.embeddings.word_embeddings.weight.equal(
+        model.hf.bert.embeddings.word_embeddings.weight
+    )
+    assert not full.model.hf.bert.embeddings.word_embeddings.weight.equal(
+        drawn.embeddings.word_embeddings.weight
+    )
+
+
+def load_text_model_from(checkpoint):
+    from stages.core.common.params import ModelParams
+    from stages.core.modeling.text import load_pretrained
+
+    return load_pretrained(ModelParams(arch="hf", pretrained=str(checkpoint)), ["neg", "pos"], TEXT)
 
 
 def test_tfidf_baseline_reads_the_words() -> None:

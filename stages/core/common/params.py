@@ -410,6 +410,8 @@ class FinetuneParams(_Section):
     # null: every labelled row of the target's train split.
     shots_per_class: int | None = Field(5, ge=1)
     strategy: Literal["head", "full", "lora"] = "head"
+    # arch hf: how the head reads the body; null the architecture's own, mean every token's.
+    pooling: Literal["mean"] | None = None
     body_lr: float | None = Field(None, gt=0)
     lora: LoraParams = Field(default_factory=LoraParams)
     epochs: int = Field(200, ge=1)
@@ -435,6 +437,9 @@ class EvaluateParams(_Section):
     min_transfer_gain: float = Field(0.03, ge=-1, le=1)
     min_class_recall: float | None = Field(None, ge=0, le=1)
     draws: int = Field(5, ge=1)
+    # arch hf: what the from-scratch control trains; same: finetune.strategy (head: a head on
+    # the random body's features), full: every layer.
+    scratch_strategy: Literal["full", "same"] = "full"
     bootstrap_resamples: int = Field(2000, ge=100)
     bootstrap_seed: int = 42
 
@@ -485,6 +490,12 @@ class Params(_Section):
                 f"model.tokenizer.kind: {kind} trains a new vocabulary, which the embeddings "
                 f"of model.pretrained ({model.pretrained}) do not know; a checkpoint keeps its "
                 "own tokenizer (kind: pretrained)"
+            )
+        if model.arch != "hf" and self.finetune.pooling is not None:
+            raise ValueError(f"finetune.pooling applies to arch hf only (arch is {model.arch})")
+        if model.arch != "hf" and self.evaluate.scratch_strategy != "full":
+            raise ValueError(
+                f"evaluate.scratch_strategy: same applies to arch hf only (arch is {model.arch})"
             )
         if self.train.objective != "classify" and model.arch != "hf":
             raise ValueError(

@@ -145,13 +145,19 @@ def finetune_text(
 ) -> TextRun:
     """A new, seeded head over the shots' classes on the base model's body, trained on
     ``shots`` with ``finetune.strategy`` and the few-shot options (AdamW). ``keep_body=False``
-    is the scratch baseline: the same architecture from random weights, every layer trained.
+    is the scratch baseline: the same architecture from random weights, every layer trained
+    (``evaluate.scratch_strategy: full``) or ``finetune.strategy`` (``same``). The head reads
+    the body with ``finetune.pooling``.
 
     A LoRA model comes back unmerged (a peft model): ``text.save_text_model`` merges it, so
     predict with it before saving where the unmerged model matters."""
     classes = sorted(shots[LABEL].unique().tolist())
-    model, config = text.with_new_head(base, base_config, classes, seed, keep_body=keep_body)
-    strategy = params.finetune.strategy if keep_body else "full"
+    tune = params.finetune
+    model, config = text.with_new_head(
+        base, base_config, classes, seed, keep_body=keep_body, pooling=tune.pooling
+    )
+    same = keep_body or params.evaluate.scratch_strategy == "same"
+    strategy = tune.strategy if same else "full"
     torch.manual_seed(seed)  # LoRA's A matrices draw from the global generator
     model = text.adapt(model, config, strategy, params.finetune.lora)
     t, v = tokenize_rows(tokenizer, shots, config), tokenize_rows(tokenizer, val, config)

@@ -53,16 +53,50 @@ POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer":
 LORA_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
 
 
+POOLINGS = ("mean",)  # finetune.pooling besides null (the architecture's own)
+
+
 class TextClassifier(nn.Module):
     """A Hugging Face sequence classifier as ``fit()`` calls it: a token batch's dict in,
-    logits out. ``hf`` is the transformers model (or, under LoRA, its peft wrapper)."""
+    logits out. ``hf`` is the transformers model (or, under LoRA, its peft wrapper).
 
-    def __init__(self, hf: nn.Module):
+    ``pooling`` None is the architecture's own (BERT's pooler on ``[CLS]``, a decoder's last
+    token that is not padding); ``mean`` averages the body's last hidden states over the tokens
+    that are not padding and hands that to the head (skipping BERT's pooler and the dropout
+    before its head), as sentence encoders do: every token's state reaches the head, which a
+    briefly pretrained model needs more than one token's (docs/pretraining-demo.md)."""
+
+    def __init__(self, hf: nn.Module, pooling: str | None = None):
         super().__init__()
         self.hf = hf
+        self.pooling = pooling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+        if self.pooling is None:
+            return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+        # Under LoRA, hf is peft's wrapper: the adapted layers sit inside its base model.
+        hf = self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
+        states = hf.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        (head,) = head_modules(hf)  # checked by check_pooling
+        # As one token ([rows, 1, width]): heads that take a sequence read its first token.
+        return _HeadOnly(hf.get_submodule(head))(pooled.unsqueeze(1))
+
+
+def check_pooling(hf: nn.Module, pooling: str | None) -> None:
+    """A ParamsError naming ``finetune.pooling`` for an unknown pooling, or ``mean`` on a
+    model whose head is several modules (DistilBERT's, DeBERTa's pooler and classifier)."""
+    if pooling is None:
+        return
+    if pooling not in POOLINGS:
+        raise ParamsError(f"finetune.pooling: unknown pooling {pooling!r} (null or mean)")
+    head = head_modules(hf)
+    if len(head) != 1:
+        raise ParamsError(
+            f"finetune.pooling: mean needs a head of one module; this "
+            f"{hf.config.model_type} model's is {len(head)} ({', '.join(head)})"
+        )
 
 
 @dataclass(frozen=True)
@@ -83,6 +117,7 @@ class TextModelConfig:
     # checkpoint it adapts (folder), that folder's weights' sha256 and the adapter's own.
     adapter: dict = field(default_factory=dict)
     format: str = "hf-sequence-classification"  # CLASSIFIER_FORMAT; a pretrained LM's differs
+    pooling: str | None = None  # TextClassifier's: None the architecture's own, or mean
 
     def replace(self, **changes: Any) -> TextModelConfig:
         return TextModelConfig(**(asdict(self) | changes))
@@ -283,10 +318,12 @@ def with_new_head(
     classes: Sequence[Any],
     seed: int,
     keep_body: bool = True,
+    pooling: str | None = None,
 ) -> tuple[TextClassifier, TextModelConfig]:
     """A copy of ``model`` with a fresh, seeded head over ``classes`` (the body's weights
-    copied), as the finetune stage starts from the base model. ``keep_body=False`` gives the
-    same architecture from random weights (the from-scratch baseline)."""
+    copied), as the finetune stage starts from the base model, reading the body with
+    ``pooling`` (see TextClassifier). ``keep_body=False`` gives the same architecture from
+    random weights (the from-scratch baseline)."""
     _quiet()
     from transformers import AutoModelForSequenceClassification
 
@@ -296,19 +333,20 @@ def with_new_head(
     torch.manual_seed(seed)
     fresh = AutoModelForSequenceClassification.from_config(hf_config)
     head = head_modules(fresh)
+    check_pooling(fresh, pooling)
     # A pretrained LM's metadata (format hf-masked-lm / hf-causal-lm) becomes a classifier's.
-    config = config.replace(format=CLASSIFIER_FORMAT)
+    config = config.replace(format=CLASSIFIER_FORMAT, pooling=pooling)
     body = {
         key: value for key, value in model.hf.state_dict().items() if key.split(".")[0] not in head
     }
     if not keep_body:
-        return TextClassifier(fresh), config.replace(classes=list(classes), head=head)
+        return TextClassifier(fresh, pooling), config.replace(classes=list(classes), head=head)
     found = fresh.load_state_dict(body, strict=False)
     if found.unexpected_keys or any(k.split(".")[0] not in head for k in found.missing_keys):
         raise ModelError(f"the body does not fit a new head: {found}")
     if getattr(model.hf, "is_activation_checkpointing", False):
         enable_gradient_checkpointing(fresh)
-    return TextClassifier(fresh), config.replace(classes=list(classes), head=head)
+    return TextClassifier(fresh, pooling), config.replace(classes=list(classes), head=head)
 
 
 def optimizer_groups(
@@ -393,14 +431,14 @@ def adapt(
         modules_to_save=list(config.head),
         fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores its weight transposed
     )
-    return TextClassifier(get_peft_model(hf, peft_config))
+    return TextClassifier(get_peft_model(hf, peft_config), model.pooling)
 
 
 def merge(model: TextClassifier) -> TextClassifier:
     """The plain transformers model with LoRA's adapters merged into its weights and the
     trained head in place (loads without peft); a model without adapters as it is."""
     unload = getattr(model.hf, "merge_and_unload", None)
-    return model if unload is None else TextClassifier(unload())
+    return model if unload is None else TextClassifier(unload(), model.pooling)
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -509,7 +547,7 @@ def load_text_model(
             hf = AutoModelForSequenceClassification.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{directory}: cannot load the checkpoint ({one_line(exc)})") from None
-    return TextClassifier(hf), tokenizer, config
+    return TextClassifier(hf, config.pooling), tokenizer, config
 
 
 def _check_sha256(folder: Path, expected: str, named: Path) -> None:
@@ -539,7 +577,7 @@ def _load_adapter(
         base, config=AutoConfig.from_pretrained(directory), ignore_mismatched_sizes=True
     )
     peft_model = PeftModel.from_pretrained(hf, directory / ADAPTER_DIR)
-    return TextClassifier(peft_model), tokenizer, config
+    return TextClassifier(peft_model, config.pooling), tokenizer, config
 
 
 @torch.no_grad()
@@ -591,7 +629,9 @@ def head_inputs(
             inputs = data.inputs(idx)
             logits = model(**inputs)
             x = seen.pop()
-            if x.dim() == 3:
+            if x.dim() == 3 and x.shape[1] == 1:  # mean pooling hands the head one token
+                options = {"first": x}
+            elif x.dim() == 3:
                 last = inputs["attention_mask"].sum(1) - 1
                 rows = torch.arange(len(x), device=x.device)
                 options = {"first": x[:, :1], "last": x[rows, last].unsqueeze(1)}
