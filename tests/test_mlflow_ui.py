@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, new_store
 
 from scripts.mlflow_ui import ui_command
 
@@ -56,16 +56,15 @@ def _get(url: str) -> dict:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-def test_make_ui_serves_the_experiment_it_prints(tmp_path: Path) -> None:
+def test_make_ui_serves_the_experiment_it_prints(tmp_path: Path, empty_store: Path) -> None:
     """A repo with its own mlflow.db and MLFLOW_TRACKING_URI on another SQLite file: the id the
     script prints is the pipeline experiment's in the served store, which holds it."""
     repo = tmp_path / "repo"
     (repo / ".dvc").mkdir(parents=True)
     (repo / "params.yaml").write_text("tracking:\n  experiment: shown-here\n")
     other = tmp_path / "other"
-    other.mkdir()
     env = os.environ | {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{other / 'other.db'}",
+        "MLFLOW_TRACKING_URI": new_store(empty_store, other, "other.db"),
         "PYTHONPATH": str(REPO_ROOT),
     }
     env.pop("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", None)  # the script's default is under test

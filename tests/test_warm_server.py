@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, TEST_EXPERIMENT
+from conftest import REPO_ROOT, TEST_EXPERIMENT, new_store
 
 from stages.core.common import warm_server, warm_start
 from stages.core.common.warm_start import address
@@ -124,11 +124,11 @@ def test_stages_after_the_first_get_forked_workers_that_record_the_same(
     assert off_kind == "Popen"
 
 
-def test_a_forked_worker_takes_the_stages_environment(server_env, tmp_path) -> None:
+def test_a_forked_worker_takes_the_stages_environment(server_env, tmp_path, empty_store) -> None:
     """Each worker logs where its own stage says, not where the server's first stage did."""
     import mlflow
 
-    store = f"sqlite:///{tmp_path / 'other.db'}"
+    store = new_store(empty_store, tmp_path, "other.db")
     kind, run_id = run_stage(server_env | {"MLFLOW_TRACKING_URI": store})
     assert kind == "ForkedProcess"
     assert mlflow.MlflowClient(store).get_run(run_id).data.metrics == {"rows": 42.0}
