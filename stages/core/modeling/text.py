@@ -63,8 +63,9 @@ class TextClassifier(nn.Module):
     ``pooling`` None is the architecture's own (BERT's pooler on ``[CLS]``, a decoder's last
     token that is not padding); ``mean`` averages the body's last hidden states over the tokens
     that are not padding and hands that to the head (skipping BERT's pooler and the dropout
-    before its head), as sentence encoders do: every token's state reaches the head, which a
-    briefly pretrained model needs more than one token's (docs/pretraining-demo.md)."""
+    before its head), as sentence encoders do: every token's state reaches the head, not one
+    token's. transformers' own ``from_pretrained`` knows nothing of it: a saved mean-pooled
+    model predicts as trained through ``load_text_model`` (and the MLflow model) only."""
 
     def __init__(self, hf: nn.Module, pooling: str | None = None):
         super().__init__()
