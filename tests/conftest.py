@@ -62,7 +62,10 @@ def empty_store(tmp_path_factory) -> Path:
         from mlflow.tracking import MlflowClient
 
         target.mkdir(parents=True)
-        assert MlflowClient(f"sqlite:///{target / 'mlflow.db'}").search_experiments()
+        # From inside it: the Default experiment's artifact location (./mlruns/0) is then
+        # under the folder, which each copy rewrites, not under the checkout.
+        with contextlib.chdir(target):
+            assert MlflowClient(f"sqlite:///{target / 'mlflow.db'}").search_experiments()
 
     return built_once(tmp_path_factory, "empty-store", build)
 

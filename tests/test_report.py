@@ -164,3 +164,22 @@ def test_pictures_are_relative_links() -> None:
         "![Recall per class](figures/recall.png)",
     ]
     assert _render(_metrics()) == lines  # same metrics, same text
+
+
+def test_a_scratch_control_trained_like_the_fine_tuning_is_named_so() -> None:
+    """evaluate.scratch_strategy same: the report does not call the control "from scratch"."""
+    params = parse_params(
+        {
+            "data": {"text_column": "review", "features": None},
+            "model": {"arch": "hf", "pretrained": "data/models/bert"},
+            "evaluate": {"scratch_strategy": "same"},
+        }
+    )
+    metrics = _metrics()
+    text = render_report(metrics, gates(metrics, params.evaluate), params, FIGURES)
+    assert (
+        "Fine-tuning beats the same network from random weights, trained as the fine-tuning is "
+        "(head), on the same shots by **+0.079** accuracy" in text
+    )
+    assert "| scratch | same net from random weights, head on the 5 shots |" in text
+    assert "trained from scratch" not in text and "from scratch on the" not in text

@@ -256,12 +256,25 @@ def test_an_idle_server_exits(mlflow_uri) -> None:
     assert run_stage(env)[0] == "Popen"
 
 
+def test_the_pipelines_own_server_forks_its_stages(pristine_repo, pipeline_env, checkout):
+    """The server the pipeline's stages started (pristine_repo's cold run, the default
+    PRELOAD: every library imported, as this module's own server does not) forks a stage of
+    another checkout: no import left a thread running or a CUDA context."""
+    seen, done = probe(pipeline_env, checkout, "exit:0")
+    if seen["stage_pid"] is None:  # it idled out since the cold run: this probe started it
+        wait_for_server(pipeline_env, checkout)
+        seen, done = probe(pipeline_env, checkout, "exit:0")
+    assert done.returncode == 0, done.stderr
+    assert seen["stage_pid"] is not None and seen["torch_imported"]
+    assert "great_expectations" in warm_server.preload_modules(pipeline_env)
+
+
 def test_what_a_server_preloads_is_a_setting() -> None:
     default = warm_server.preload_modules({})
     assert "torch" in default and "great_expectations" in default
     assert warm_server.preload_modules({warm_server.PRELOAD_VAR: ""}) == ()
     assert warm_server.preload_modules({warm_server.PRELOAD_VAR: "json, csv"}) == ("json", "csv")
-    assert warm_server.preload_modules({warm_server.PRELOAD_VAR: "+lightgbm"}) == (
+    assert warm_server.preload_modules({warm_server.PRELOAD_VAR: " +lightgbm"}) == (
         *default,
         "lightgbm",
     )

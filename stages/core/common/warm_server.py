@@ -93,6 +93,7 @@ def preload_modules(env: dict[str, str]) -> tuple[str, ...]:
     value = env.get(PRELOAD_VAR)
     if value is None:
         return PRELOAD
+    value = value.strip()
     named = tuple(name.strip() for name in value.removeprefix("+").split(",") if name.strip())
     return PRELOAD + named if value.startswith("+") else named
 

@@ -60,7 +60,7 @@ PER_STAGE |= {"ROLE_WORLD_SIZE"}
 PER_STAGE |= {"MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR"}
 # and our Makefile's own: those set on make's command line reach its recipes, and it exports
 # MkDocs' switch
-PER_STAGE |= {"VENV", "PYTHON", "TORCH_INDEX", "PYTEST_WORKERS", "NO_MKDOCS_2_WARNING"}
+PER_STAGE |= {"VENV", "PYTHON", "TORCH_INDEX", "NO_MKDOCS_2_WARNING"}  # (PYTEST_WORKERS: below)
 # Our own switch, read when a stage starts tracking, not by any import.
 PER_STAGE.add("PIPELINE_TRACKING")
 # DVC's, its queue's (celery, multiprocessing's fork logging), pytest's and torchrun's

@@ -24,13 +24,24 @@ def _with_interval(block: Mapping, name: str) -> str:
     return f"{block[name]:.3f}{interval}"
 
 
-def _models_table(metrics: Mapping, shots: int | str, text: bool = False) -> list[str]:
+def _scratch_is_trained_like_finetuning(params: Params) -> bool:
+    """``evaluate.scratch_strategy: same``: the scratch control trains ``finetune.strategy``
+    (with ``head``, a head on the random body), not every layer."""
+    return params.evaluate.scratch_strategy == "same"
+
+
+def _models_table(
+    metrics: Mapping, shots: int | str, params: Params, text: bool = False
+) -> list[str]:
     classical = "TF-IDF + logistic regression" if text else "logistic regression"
+    scratch = f"same net from scratch on the {shots} shots"
+    if _scratch_is_trained_like_finetuning(params):
+        scratch = f"same net from random weights, {params.finetune.strategy} on the {shots} shots"
     rows = [
         ("base", "base model", "base-domain test"),
         ("zero_shot", "base model, no adaptation", "target-domain test"),
         ("finetuned", f"fine-tuned on {shots} shots/class", "target-domain test"),
-        ("scratch", f"same net from scratch on the {shots} shots", "target-domain test"),
+        ("scratch", scratch, "target-domain test"),
         ("sklearn", f"{classical} on the same shots", "target-domain test"),
         (
             "checkpoint",
@@ -79,8 +90,14 @@ def _transfer_lines(metrics: Mapping, params: Params) -> list[str]:
             f"{_number(transfer['gain_ci95_high'], True)}"
         )
     verb = "beats" if transfer["gain_mean"] >= 0 else "trails"
+    control = "the same network trained from scratch"
+    if _scratch_is_trained_like_finetuning(params):
+        control = (
+            f"the same network from random weights, trained as the fine-tuning is "
+            f"({params.finetune.strategy}),"
+        )
     return [
-        f"Fine-tuning {verb} the same network trained from scratch on the same shots by "
+        f"Fine-tuning {verb} {control} on the same shots by "
         f"**{_number(transfer['gain_mean'], True)}** accuracy, averaged over "
         f"{transfer['draws']} draws of the shots ({seeds}; {interval}; "
         f"worst draw {_number(transfer['gain_min'], True)}).",
@@ -220,7 +237,7 @@ def render_report(
         "",
         "## Models",
         "",
-        *_models_table(metrics, shots, text=mistakes is not None),
+        *_models_table(metrics, shots, params, text=mistakes is not None),
         "",
         _uncertainty_sentence(metrics, params),
         "",

@@ -10,8 +10,9 @@ says so, which is what HF's last-non-pad-token pooling of the decoders reads.
 A saved directory is a Hugging Face checkpoint (``config.json``, ``model.safetensors``, the
 tokenizer's files) plus ``TEXT_META`` (our metadata: classes, text column, max length, where the
 weights came from and their sha256), so it loads with ``from_pretrained`` as well as with
-``load_text_model``. transformers (3-4 s to import) and peft (about 5 s) are imported inside the
-functions: a module that imports this one pays for them only on the text path.
+``load_text_model`` (only the latter reads the body the way ``finetune.pooling: mean`` trained
+it). transformers (3-4 s to import) and peft (about 5 s) are imported inside the functions: a
+module that imports this one pays for them only on the text path.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ class TextClassifier(nn.Module):
         # Under LoRA, hf is peft's wrapper: the adapted layers sit inside its base model.
         hf = self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
         states = hf.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        # Summed in float32: a bf16 sum counts tokens inexactly past 256 of them.
+        mask = attention_mask.unsqueeze(-1).float()
+        pooled = ((states.float() * mask).sum(1) / mask.sum(1).clamp(min=1)).to(states.dtype)
         (head,) = head_modules(hf)  # checked by check_pooling
         # As one token ([rows, 1, width]): heads that take a sequence read its first token.
         return _HeadOnly(hf.get_submodule(head))(pooled.unsqueeze(1))
@@ -408,6 +410,9 @@ def adapt(
     so seed it first. A LoRA model stays a peft model until ``merge``."""
     hf = model.hf
     hf.requires_grad_(strategy == "full")
+    pooler = getattr(hf.base_model, "pooler", None)
+    if model.pooling == "mean" and pooler is not None:
+        pooler.requires_grad_(False)  # BERT's: mean pooling never reads it
     for name in config.head:
         hf.get_submodule(name).requires_grad_(True)
     if strategy in ("head", "full"):
