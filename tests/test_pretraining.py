@@ -402,7 +402,7 @@ def test_evaluate_compares_with_the_checkpoint_before_pretraining(tiny_checkpoin
     lines = _adaptive_lines(metrics)
     assert "Pretraining the checkpoint on this corpus first" in lines[1]
     assert "over 2 draws" in lines[1]
-    table = _models_table(metrics, 6, text=True)
+    table = _models_table(metrics, 6, params, text=True)
     assert (
         sum(line.startswith("| checkpoint | the checkpoint before pretraining") for line in table)
         == 1
@@ -410,7 +410,9 @@ def test_evaluate_compares_with_the_checkpoint_before_pretraining(tiny_checkpoin
     # Without the control (no checkpoint pretrained here) there is no such row or sentence.
     del metrics["checkpoint"], metrics["adaptive_pretraining"]
     assert not _adaptive_lines(metrics)
-    assert not any(line.startswith("| checkpoint |") for line in _models_table(metrics, 6, True))
+    assert not any(
+        line.startswith("| checkpoint |") for line in _models_table(metrics, 6, params, True)
+    )
 
 
 def test_the_tokenizer_kind_must_fit_the_model_source(tiny_checkpoints) -> None:
