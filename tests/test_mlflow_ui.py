@@ -32,6 +32,7 @@ def test_the_ui_serves_the_store_mlflow_tracking_uri_names(monkeypatch, tmp_path
     assert command[1:2] == ["ui"]
     assert option(command, "--backend-store-uri") == other
     assert option(command, "--port") == "5123" and option(command, "--host") == "127.0.0.1"
+    assert option(command, "--workers") == "1"
     assert not any("mlflow.db" in part for part in command)
 
 
@@ -101,7 +102,8 @@ def test_make_ui_serves_the_experiment_it_prints(tmp_path: Path, empty_store: Pa
         import psutil
 
         commands = [" ".join(p.cmdline()) for p in psutil.Process(ui.pid).children(recursive=True)]
-        assert any("uvicorn" in c or "gunicorn" in c for c in commands), commands
+        # One uvicorn process serves it (MLflow's default of 4 would add 4 spawned workers).
+        assert len(commands) == 1 and "uvicorn" in commands[0], commands
         assert not any("mlflow.server.jobs" in c or "huey" in c for c in commands), commands
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
