@@ -14,17 +14,22 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
 import pytest
-import torch
 import yaml
-from hypothesis import settings
 
-from stages.core.common.params import Params, parse_params
 from stages.core.common.telemetry import QUIET_ENV
-from stages.core.modeling.model import Classifier, ModelConfig, fit_scaling
+
+# Imported where used: pytest-xdist's controller, which only hands tests out, loads this file
+# too, and would spend about 3 s importing them before its workers start.
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from stages.core.common.params import Params
+    from stages.core.modeling.model import Classifier, ModelConfig
 
 # Before any test imports MLflow or Great Expectations, which may read these at import time.
 os.environ.update(QUIET_ENV)
@@ -34,14 +39,22 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # server that idled out costs its imports again), and exit 10 minutes after their last stage.
 os.environ.setdefault("PIPELINE_WARM_SERVER_IDLE", "600")
 
-# The models under test are tiny: extra intra-op threads only add contention (on a busy 2-core
-# machine a 4-16-3 MLP trains ~20x slower with two threads than with one).
-torch.set_num_threads(1)
 
-# Property tests explore new examples on every local run; in CI (GitHub sets CI, so does .ci/run)
-# they replay the same ones, so that a pull request fails for its own change only.
-settings.register_profile("ci", derandomize=True)
-settings.load_profile("ci" if os.environ.get("CI") else "default")
+def pytest_configure(config: pytest.Config) -> None:
+    """Settings of the processes that run tests (not pytest-xdist's controller)."""
+    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    import torch
+    from hypothesis import settings
+
+    # The models under test are tiny: extra intra-op threads only add contention (on a busy
+    # 2-core machine a 4-16-3 MLP trains ~20x slower with two threads than with one).
+    torch.set_num_threads(1)
+    # Property tests explore new examples on every local run; in CI (GitHub sets CI, so does
+    # .ci/run) they replay the same ones, so that a pull request fails for its own change only.
+    settings.register_profile("ci", derandomize=True)
+    settings.load_profile("ci" if os.environ.get("CI") else "default")
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FEATURES = ["f0", "f1", "f2", "f3"]
@@ -124,6 +137,8 @@ def mlflow_client(mlflow_uri: str, mlflow_dir: Path):
 
 @pytest.fixture
 def params() -> Params:
+    from stages.core.common.params import parse_params
+
     return parse_params({})
 
 
@@ -133,6 +148,9 @@ def make_raw_frame(rows_per_pair: int = ROWS_PER_PAIR, seed: int = 0) -> pd.Data
     Each class has its own centre, so that the data is learnable; a ``uid`` is not included
     (tests that need row identity add one).
     """
+    import numpy as np
+    import pandas as pd
+
     rng = np.random.default_rng(seed)
     parts = []
     for domain in DOMAINS:
@@ -158,6 +176,9 @@ def make_blobs(n_per_class: int, seed: int, n_classes: int = 3, n_features: int 
     The class centres are fixed; ``seed`` draws the samples, so draws with different seeds
     are train/val samples of one problem.
     """
+    import numpy as np
+    import torch
+
     centres = np.random.default_rng(0).normal(0, 4, size=(n_classes, n_features))
     rng = np.random.default_rng(seed)
     x = np.concatenate([rng.normal(c, 0.5, size=(n_per_class, n_features)) for c in centres])
@@ -179,6 +200,10 @@ def make_config(
     scaling: str = "per_feature",
     dropout: float = 0.0,
 ) -> ModelConfig:
+    import numpy as np
+
+    from stages.core.modeling.model import ModelConfig, fit_scaling
+
     x = np.asarray(x, dtype=np.float64)
     mean, std = fit_scaling(x, scaling)
     n_features = x.shape[1]
@@ -195,6 +220,10 @@ def make_config(
 
 
 def make_model(config: ModelConfig, seed: int = 0) -> Classifier:
+    import torch
+
+    from stages.core.modeling.model import Classifier
+
     torch.manual_seed(seed)
     return Classifier(config)
 
@@ -220,6 +249,8 @@ def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    import torch
+
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -266,6 +297,7 @@ def run_queued_experiments(
     wait until none is queued or running; returns ``dvc queue status``."""
     import time
 
+    expected = len(settings) + finished_experiments(repo, env)[0]
     for setting in settings:
         run_command(["dvc", "exp", "run", "--queue", "-S", setting], repo, env)
     # The queue's workers are daemons: they would hold captured pipes open, and the test with them.
@@ -278,16 +310,32 @@ def run_queued_experiments(
         timeout=COMMAND_TIMEOUT,
     )
     assert started.returncode == 0, "dvc queue start failed"
-    deadline = time.monotonic() + timeout
+    status = ["dvc", "queue", "status"]
+    deadline, asked = time.monotonic() + timeout, 0.0
     try:
         while time.monotonic() < deadline:
-            status = run_command(["dvc", "queue", "status"], repo, env).stdout
-            if "Queued" not in status and "Running" not in status:
-                return status
-            time.sleep(5)  # each poll is a whole `dvc` process: not more often
-        raise AssertionError(f"queued experiments still running after {timeout} s:\n{status}")
+            # `dvc queue status` is a whole `dvc` process (about a CPU-second): ask it once git
+            # shows every experiment or a failure (a git process: milliseconds), then every 5 s.
+            finished, failed = finished_experiments(repo, env)
+            if (finished >= expected or failed) and time.monotonic() - asked >= 5:
+                shown, asked = run_command(status, repo, env).stdout, time.monotonic()
+                if "Queued" not in shown and "Running" not in shown:
+                    return shown
+            time.sleep(0.5)
+        shown = run_command(status, repo, env).stdout
+        raise AssertionError(f"queued experiments still running after {timeout} s:\n{shown}")
     finally:
         run_command(["dvc", "queue", "stop"], repo, env, check=False)  # no idle workers left
+
+
+def finished_experiments(repo: Path, env: dict) -> tuple[int, bool]:
+    """How many experiments the repo holds, from git's refs ``refs/exps/<sha[:2]>/<sha[2:]>/
+    <name>`` (written when DVC collects an experiment's results), and whether DVC's queue has
+    stashed a failed one (``refs/exps/celery/failed``, dvc/repo/experiments/refs.py)."""
+    refs = run_command(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo, env)
+    names = refs.stdout.split()
+    count = sum(len(p) == 5 and len(p[2]) == 2 for p in (n.split("/") for n in names))
+    return count, "refs/exps/celery/failed" in names
 
 
 def set_params(repo: Path, **sections: dict) -> None:
