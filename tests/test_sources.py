@@ -24,6 +24,7 @@ from stages.core.common.io import write_parquet
 from stages.core.common.layout import SOURCE_CACHE
 from stages.core.common.params import DataParams
 from stages.core.common.schema import DOMAIN, LABEL
+from stages.core.data import sources
 from stages.core.data.ingest import build_raw_dataset
 from stages.core.data.sources import DOWNLOAD_RETRIES, image_feature_names, load_source
 
@@ -156,7 +157,8 @@ def _serve(context: ssl.SSLContext | None = None) -> Iterator[tuple[str, type[_H
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     if context is not None:
         server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits up to one poll interval (0.5 s by default) per test
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     scheme = "https" if context else "http"
     try:
@@ -164,6 +166,13 @@ def _serve(context: ssl.SSLContext | None = None) -> Iterator[tuple[str, type[_H
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def no_backoff(monkeypatch) -> None:
+    """Retries without urllib3's back-off sleeps between them (about 1 s per failing download):
+    these tests count the tries and read the error line; how long to wait is urllib3's."""
+    monkeypatch.setattr(sources, "DOWNLOAD_BACKOFF", 0.0)
 
 
 @pytest.fixture
@@ -313,7 +322,7 @@ def test_silent_host_is_one_line_within_the_timeout(tmp_path: Path) -> None:
         f"{url}: no answer from 127.0.0.1:{port} within 0.3 s (3 tries); "
         "check the URL and the network, or raise data.download_timeout"
     )
-    # 3 tries of 0.3 s plus 1 s of back-off: it gives up instead of hanging.
+    # 3 tries of 0.3 s: it gives up instead of hanging.
     assert elapsed < 20
 
 
