@@ -3,6 +3,7 @@ and how a stage finds the dvc process of its execution."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -145,6 +146,21 @@ def test_what_dvc_yaml_and_dvc_lock_say(tmp_path: Path) -> None:
         "data/source": "5ource.dir",
     }
     assert locked_outputs(tmp_path / "missing.lock") == {}
+
+
+def test_an_edited_dvc_yaml_is_read_again(tmp_path: Path) -> None:
+    """dvc.yaml is parsed once per version (a run asks for every stage's outputs): an edit of
+    the same length, or the file replaced by a rename as DVC writes dvc.lock, is seen."""
+    path = tmp_path / "dvc.yaml"
+    path.write_text("stages:\n  prep:\n    outs: [a.csv]\n")
+    assert stage_outputs("prep", path) == ["a.csv"]
+    path.write_text("stages:\n  prep:\n    outs: [b.csv]\n")
+    assert stage_outputs("prep", path) == ["b.csv"]
+    replacement = tmp_path / "dvc.yaml.tmp"
+    replacement.write_text("stages:\n  prep:\n    outs: [c.csv]\n")
+    os.utime(replacement, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
+    replacement.replace(path)
+    assert stage_outputs("prep", path) == ["c.csv"]
 
 
 def test_git_state(tmp_path: Path, monkeypatch) -> None:

@@ -129,8 +129,20 @@ def test_log_metrics_keeps_numpy_numbers(mlflow_client) -> None:
     assert mlflow_client.get_run(run.id).data.metrics == {"rows": 1797.0, "loss": 0.5}
 
 
-def test_log_epoch_logs_each_epoch_in_one_call(monkeypatch, mlflow_client) -> None:
+@pytest.mark.parametrize(
+    ("every_s", "steps_per_call"),
+    [(0.0, [[1], [2], [0], [3]]), (60.0, [[1, 2], [0], [3]])],
+    ids=["slow-epochs-each-written-when-sent", "fast-epochs-share-a-write"],
+)
+def test_log_epoch_writes_epochs_in_order_and_merges_fast_ones(
+    monkeypatch, mlflow_client, every_s: float, steps_per_call: list
+) -> None:
+    """Inline logging holds the run's own metrics for up to ``INLINE_METRICS_EVERY_S``: epochs
+    longer than that are each written when sent; quicker ones share a write, which anything
+    else the stage sends (here a final metric) first flushes, so the order holds."""
     from mlflow import MlflowClient
+
+    from stages.core.tracking import runs
 
     calls = []
     real = MlflowClient.log_batch
@@ -140,13 +152,16 @@ def test_log_epoch_logs_each_epoch_in_one_call(monkeypatch, mlflow_client) -> No
         return real(self, run_id, metrics=metrics, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "log_batch", spy)
+    monkeypatch.setattr(runs, "INLINE_METRICS_EVERY_S", every_s)
     history = [EpochStats(e, 1.0 / e, 2.0 / e, 0.5 + e / 10) for e in (1, 2, 3)]
     with stage_run("train", TEST_EXPERIMENT, {}) as run:
         calls.clear()  # the params
-        for stats in history:
-            run.log_epoch(stats)
-    assert [sorted({step for *_, step in call}) for call in calls] == [[1], [2], [3]]
-    assert sorted(calls[0]) == [
+        run.log_epoch(history[0])
+        run.log_epoch(history[1])
+        run.log_metrics({"wall_time_s": 1.5}, parent=True)  # not the run's own: no merging
+        run.log_epoch(history[2])
+    assert [sorted({step for *_, step in call}) for call in calls] == steps_per_call
+    assert sorted(m for m in calls[0] if m[2] == 1) == [
         ("train_loss", 1.0, 1),
         ("val_accuracy", 0.6, 1),
         ("val_loss", 2.0, 1),

@@ -280,10 +280,22 @@ def test_what_a_server_preloads_is_a_setting() -> None:
     )
 
 
+def test_a_forked_stage_logs_inline_without_a_worker(stage_env, checkout) -> None:
+    """A forked stage has mlflow imported, so it logs inline: start_worker forks no worker,
+    but still runs the worker's warm-ups (here MLflow's map of our models' requirements alone,
+    instead of every installed module, which MLflow builds when it first logs a model)."""
+    seen, done = probe(stage_env, checkout, "track")
+    assert done.returncode == 0, done.stderr
+    assert seen["stage_pid"] is not None  # forked
+    tracked = json.loads(done.stdout.splitlines()[1])
+    assert tracked["worker"] is False
+    assert tracked["torch_known"] and tracked["known"] < 50
+
+
 # A stage of a copied checkout (stages/probe.py): what it finds when it starts, then what its
 # first argument asks for.
 PROBE = """\
-import json, os, signal, sys, time
+import gc, json, os, signal, sys, time
 from pathlib import Path
 
 from stages.core.common.warm_start import STAGE_PID, run_stage_warm
@@ -302,6 +314,7 @@ seen = {
     "path0": sys.path[0],
     "umask": umask,
     "torch_imported": "torch" in sys.modules,
+    "frozen_objects": gc.get_freeze_count(),
     "stdin": sys.stdin.read(),
     "name": __name__,
     "unbuffered": sys.stdout.write_through,
@@ -315,13 +328,21 @@ if action == "raise":
     raise ValueError("a stage that fails")
 if action == "die":
     os.kill(os.getpid(), signal.SIGKILL)
+if action == "track":
+    from mlflow.utils import requirements_utils
+    from stages.core.tracking import runs
+
+    runs.start_worker("stages.core.tracking.serving:prepare")
+    known = requirements_utils._MODULES_TO_PACKAGES or {}
+    print(json.dumps({"worker": runs._started is not None, "torch_known": "torch" in known,
+                      "known": len(known)}))
 if action == "wait":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
     Path("stage.pid").write_text(str(os.getpid()))
     time.sleep(120)
 """
 # What differs between a forked and a plain run of the probe by design.
-PROCESS = {"pid", "ppid", "stage_pid", "torch_imported"}
+PROCESS = {"pid", "ppid", "stage_pid", "torch_imported", "frozen_objects"}
 
 
 @pytest.fixture(scope="module")
@@ -375,6 +396,9 @@ def test_a_stage_runs_forked_with_what_it_would_have_had(stage_env, checkout) ->
     seen, done = probe(stage_env, checkout, "exit:0", "more")
     assert done.returncode == 0, done.stderr
     assert seen["torch_imported"]  # preloaded: the warm fork, not a fresh interpreter
+    # What the server preloaded is out of the garbage collector's sight (gc.freeze): no
+    # collection in the stage walks, and so copies, the server's objects.
+    assert seen["frozen_objects"] > 100_000
     assert seen["argv"] == [str(checkout / "stages/probe.py"), "exit:0", "more"]
     assert (seen["cwd"], seen["path0"]) == (str(checkout), str(checkout))
     assert seen["stdin"] == "from stdin" and seen["name"] == "__main__"

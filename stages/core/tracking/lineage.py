@@ -78,11 +78,23 @@ def _is_dvc(cmdline: list[str]) -> bool:
     return False
 
 
+# Parsed dvc.yaml and dvc.lock by (path, size, mtime, inode): a run reads dvc.yaml once per
+# pipeline stage to list their outputs. Callers only read what they get.
+_parsed: dict[tuple, dict[str, Any]] = {}
+
+
 def _read_yaml(path: Path | str) -> dict[str, Any]:
     try:
-        return read_yaml(path) or {}
+        info = os.stat(path)
     except FileNotFoundError:
         return {}
+    key = (os.path.abspath(path), info.st_size, info.st_mtime_ns, info.st_ino)
+    if key not in _parsed:
+        try:
+            _parsed[key] = read_yaml(path) or {}
+        except FileNotFoundError:
+            return {}
+    return _parsed[key]
 
 
 def stage_outputs(stage: str, dvc_yaml: Path | str = "dvc.yaml") -> list[str]:

@@ -22,17 +22,38 @@ from typing import Any
 from stages.core.common.errors import TrackingError
 from stages.core.tracking.recorder import Recorder, numeric_metrics
 from stages.core.tracking.store import describe_failure
-from stages.core.tracking.worker import _Worker
+from stages.core.tracking.worker import _import_quietly, _Worker
+
+# How long an inline run holds its own metrics before it writes them: epochs shorter than this
+# share one write (each is a store transaction: 200 one-epoch writes cost a fine-tune a CPU-second
+# on SQLite), and an epoch longer than this is written as soon as it is sent.
+INLINE_METRICS_EVERY_S = 1.0
 
 
 class _Inline:
-    """Operations run in this process, each as it is sent."""
+    """Operations run in this process, each as it is sent, but the run's own metrics, which
+    wait at most ``INLINE_METRICS_EVERY_S`` (with their own timestamps) and go first whenever
+    anything else is sent: the worker merges them the same way."""
 
     def __init__(self) -> None:
         self.recorder = Recorder()
         self.closed = False
+        self._metrics: list[tuple] = []  # (metrics, step, timestamp) not written yet
+        self._written_at = time.monotonic()
 
     def send(self, operation: str, *args: Any) -> Any:
+        own_metrics = operation == "log_metrics" and not args[3]
+        if own_metrics:
+            self._metrics.append(args[:3])
+            if time.monotonic() - self._written_at < INLINE_METRICS_EVERY_S:
+                return None
+        if self._metrics:
+            batches, self._metrics = self._metrics, []
+            self._written_at = time.monotonic()
+            self._run("log_metric_batches", batches)
+        return None if own_metrics else self._run(operation, *args)
+
+    def _run(self, operation: str, *args: Any) -> Any:
         try:
             return getattr(self.recorder, operation)(*args)
         except Exception as exc:  # MLflow and its stores raise many types
@@ -125,11 +146,20 @@ def start_worker(*preload: str) -> None:
     """Start the tracking worker now, before the stage imports its libraries (call it at the
     top of a stage's ``__main__``): it imports mlflow, and the ``preload`` modules that the
     stage's later operations need (``module:function`` also calls a warm-up function), on
-    another core meanwhile. The stage's ``stage_run`` then
-    uses it. Only on rank 0 of a distributed run, and only with tracking on."""
+    another core meanwhile. The stage's ``stage_run`` then uses it. Only on rank 0 of a
+    distributed run, and only with tracking on; a process that has imported mlflow (a stage
+    forked by the warm server) logs inline and only runs the warm-ups here."""
     global _started
-    if _started is None and tracking_enabled() and os.environ.get("RANK", "0") == "0":
-        _started = _Worker(tuple(preload))
+    if _started is not None or not tracking_enabled() or os.environ.get("RANK", "0") != "0":
+        return
+    if _inline_mode(None):
+        # mlflow is imported already (a stage forked by the warm server): the stage logs
+        # inline, so it needs no worker, only the warm-ups a worker would run.
+        for target in preload:
+            if ":" in target:
+                _import_quietly(target)
+        return
+    _started = _Worker(tuple(preload))
 
 
 def _as_mapping(params: Any) -> dict[str, Any] | None:
