@@ -5,9 +5,9 @@ background worker process (``python -m stages.core.tracking.worker``): importing
 opening the store cost about 2 s, which the worker spends on another core while the stage
 imports torch and does its work. The stage sends what it logs without waiting, and waits for
 the worker only when it ends. In a process that has imported mlflow already (a stage forked
-by the warm server, tests, notebooks) the same operations run inline. Either way a tracking failure stops the stage with
-one line (TrackingError), and what the stage logs is exactly what the worker records: one
-:class:`Recorder` does the MLflow work in both cases."""
+by the warm server, tests, notebooks) the same operations run inline. Either way a tracking
+failure stops the stage with one line (TrackingError), and what the stage logs is exactly what
+the worker records: one :class:`Recorder` does the MLflow work in both cases."""
 
 from __future__ import annotations
 
