@@ -269,6 +269,23 @@ def test_the_pipelines_own_server_forks_its_stages(pristine_repo, pipeline_env, 
     assert "great_expectations" in warm_server.preload_modules(pipeline_env)
 
 
+def test_which_commands_are_handed_over() -> None:
+    """``python [-u] -m stages.<module> [args]`` and nothing else: a stage, or the step
+    `make pipeline` runs after the stages (each module decides by calling run_stage_warm)."""
+    py = sys.executable
+    assert warm_start.stage_command([py, "-m", "stages.train", "-x"]) == (
+        "stages.train",
+        ["-x"],
+        False,
+    )
+    complete = [py, "-u", "-m", "stages.core.tracking.complete"]
+    assert warm_start.stage_command(complete) == ("stages.core.tracking.complete", [], True)
+    assert warm_start.stage_command([py, "-B", "-m", "stages.train"]) is None
+    assert warm_start.stage_command([py, "-m", "dvc", "repro"]) is None
+    assert warm_start.stage_command([py, "-m", "stages.bad-name"]) is None
+    assert warm_start.stage_command([py, "-c", "import stages.train"]) is None
+
+
 def test_what_a_server_preloads_is_a_setting() -> None:
     default = warm_server.preload_modules({})
     assert "torch" in default and "great_expectations" in default

@@ -245,15 +245,17 @@ def fork_worker(
 
 def stage_command(argv: list[str]) -> tuple[str, list[str], bool] | None:
     """The stage module, its arguments and whether ``-u`` was given, when ``argv``
-    (``sys.orig_argv``) is exactly ``python [-u] -m stages.<name> [args]`` (torchrun starts its
+    (``sys.orig_argv``) is exactly ``python [-u] -m stages.<module> [args]`` (torchrun starts its
     ranks with ``-u``); None for any other interpreter option, which a forked stage would not
-    get, and for a module below a stage (the plain tracking worker)."""
+    get. Only modules that call ``run_stage_warm`` are handed over: the stages, and the step
+    `make pipeline` runs after them (stages.core.tracking.complete), not the plain tracking
+    worker."""
     options = argv[1 : argv.index("-m")] if "-m" in argv[1:] else None
     if options not in ([], ["-u"]) or len(argv) < len(options) + 3:
         return None
     module = argv[len(options) + 2]
     package, _, name = module.partition(".")
-    if package != "stages" or not name.isidentifier() or name == "core":
+    if package != "stages" or not all(part.isidentifier() for part in name.split(".")):
         return None
     return module, argv[len(options) + 3 :], options == ["-u"]
 

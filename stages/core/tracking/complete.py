@@ -134,5 +134,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     from stages.core.common.cli import run_as_script
+    from stages.core.common.warm_start import run_stage_warm
 
+    # The imports above are light (0.2 s; mlflow comes later): the warm server the stages
+    # started, when it runs, takes this step over with mlflow imported.
+    run_stage_warm()
     run_as_script("pipeline", main)
