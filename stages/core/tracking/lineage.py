@@ -78,9 +78,9 @@ def _is_dvc(cmdline: list[str]) -> bool:
     return False
 
 
-# Parsed dvc.yaml and dvc.lock by (path, size, mtime, inode): a run reads dvc.yaml once per
-# pipeline stage to list their outputs. Callers only read what they get.
-_parsed: dict[tuple, dict[str, Any]] = {}
+# The last parse of each dvc.yaml and dvc.lock, with the version it read (size, mtime, inode): a
+# run reads dvc.yaml once per pipeline stage to list their outputs. Callers only read it.
+_parsed: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
 
 
 def _read_yaml(path: Path | str) -> dict[str, Any]:
@@ -88,13 +88,14 @@ def _read_yaml(path: Path | str) -> dict[str, Any]:
         info = os.stat(path)
     except FileNotFoundError:
         return {}
-    key = (os.path.abspath(path), info.st_size, info.st_mtime_ns, info.st_ino)
-    if key not in _parsed:
+    where, version = os.path.abspath(path), (info.st_size, info.st_mtime_ns, info.st_ino)
+    cached = _parsed.get(where)
+    if cached is None or cached[0] != version:
         try:
-            _parsed[key] = read_yaml(path) or {}
+            cached = _parsed[where] = (version, read_yaml(path) or {})
         except FileNotFoundError:
             return {}
-    return _parsed[key]
+    return cached[1]
 
 
 def stage_outputs(stage: str, dvc_yaml: Path | str = "dvc.yaml") -> list[str]:
