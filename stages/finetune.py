@@ -69,7 +69,7 @@ def main() -> None:
             val,
             params,
             params.finetune.seed,
-            run.log_epoch,
+            run.epoch_logger(checkpoints),
             checkpoints=checkpoints,
             progress="finetune",
         )
@@ -99,7 +99,8 @@ def finetune_text_model(params, shots, val, run, checkpoints, started: float) ->
     Hugging Face checkpoint (finetune.lora.save: merged weights, the adapter, or both)."""
     base, tokenizer, base_config = load_text_model(layout.BASE_MODEL)
     tuned = finetune_text(
-        base, tokenizer, base_config, shots, val, params, params.finetune.seed, run.log_epoch,
+        base, tokenizer, base_config, shots, val, params, params.finetune.seed,
+        run.epoch_logger(checkpoints),
         checkpoints=checkpoints, progress="finetune",
     )  # fmt: skip
     n_parameters = count_parameters(tuned.model)

@@ -110,7 +110,7 @@ def train(params: Params, world: World) -> None:
             encode(base_train, config),
             encode(val, config),
             fit_options(params.section("train")),
-            run.log_epoch if run is not None else None,
+            run.epoch_logger(checkpoints) if run is not None else None,
             checkpoints=checkpoints,
             progress="train",
         )
@@ -137,7 +137,7 @@ def train(params: Params, world: World) -> None:
 def train_text_model(params: Params, base_train, val, run, checkpoints, started: float) -> None:
     """model.arch hf: the checkpoint fine-tuned on the base domain (train.objective classify)
     or taken as it is (none) -> models/base/ with its tokenizer and provenance."""
-    on_epoch = run.log_epoch if run is not None else None
+    on_epoch = run.epoch_logger(checkpoints) if run is not None else None
     trained = train_text(
         params, base_train, val, on_epoch, checkpoints=checkpoints, progress="train"
     )
@@ -179,11 +179,10 @@ def pretrain_language_model(params: Params, run, checkpoints, started: float) ->
     in metrics/train.json and plots/train.csv, reports/samples.md."""
     corpus, val, held_out, source = pretraining_splits(params)
 
-    def on_epoch(stats) -> None:  # one MLflow call an epoch, perplexity included
-        run.log_metrics(epoch_metrics(stats), step=stats.epoch)
-
+    # One MLflow call an epoch, perplexity included.
+    on_epoch = run.epoch_logger(checkpoints, epoch_metrics) if run is not None else None
     trained = pretrain(
-        params, corpus, val, held_out, on_epoch if run is not None else None,
+        params, corpus, val, held_out, on_epoch,
         checkpoints=checkpoints, progress="train", source=source,
     )  # fmt: skip
     if run is None:

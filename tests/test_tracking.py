@@ -171,6 +171,28 @@ def test_log_epoch_writes_epochs_in_order_and_merges_fast_ones(
     assert "epoch" not in mlflow_client.get_run(run.id).data.metrics
 
 
+def test_an_epoch_a_checkpoint_saves_is_written_at_once(monkeypatch, mlflow_client) -> None:
+    """Inline, epochs may wait to share a write; but not past a resume checkpoint: a stage
+    killed after the save resumes after that epoch and never logs the earlier ones again."""
+    from types import SimpleNamespace
+
+    from stages.core.tracking import runs
+
+    monkeypatch.setattr(runs, "INLINE_METRICS_EVERY_S", 60.0)
+    every_second_epoch = SimpleNamespace(due=lambda epoch: epoch % 2 == 0)
+    history = [EpochStats(e, 1.0 / e, 2.0 / e, 0.5 + e / 10) for e in (1, 2, 3)]
+    written = []
+    with stage_run("train", TEST_EXPERIMENT, {}) as run:
+        run_id, on_epoch = run.id, run.epoch_logger(every_second_epoch)  # (asking flushes)
+        for stats in history:
+            on_epoch(stats)
+            steps = mlflow_client.get_metric_history(run_id, "val_loss")
+            written.append([m.step for m in steps])
+    assert written == [[], [1, 2], [1, 2]]  # epoch 3 waits for the run's end
+    steps = mlflow_client.get_metric_history(run.id, "val_loss")
+    assert [m.step for m in steps] == [1, 2, 3]
+
+
 def test_log_artifacts(tmp_path: Path, mlflow_client) -> None:
     model_dir = tmp_path / "models" / "base"
     model_dir.mkdir(parents=True)

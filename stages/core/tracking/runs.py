@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -47,11 +47,15 @@ class _Inline:
             self._metrics.append(args[:3])
             if time.monotonic() - self._written_at < INLINE_METRICS_EVERY_S:
                 return None
+        self.write_metrics()
+        return None if own_metrics else self._run(operation, *args)
+
+    def write_metrics(self) -> None:
+        """Write the run's own metrics held so far."""
         if self._metrics:
             batches, self._metrics = self._metrics, []
             self._written_at = time.monotonic()
             self._run("log_metric_batches", batches)
-        return None if own_metrics else self._run(operation, *args)
 
     def _run(self, operation: str, *args: Any) -> Any:
         try:
@@ -96,6 +100,26 @@ class StageRun:
         """Per-epoch training metrics, in one call per epoch."""
         values = {k: v for k, v in vars(stats).items() if k != "epoch"}
         self.log_metrics(values, step=stats.epoch)
+
+    def epoch_logger(
+        self, checkpoints=None, metrics: Callable[[Any], Mapping[str, Any]] | None = None
+    ) -> Callable[[Any], None]:
+        """fit's ``on_epoch``: ``log_epoch`` (or ``metrics(stats)`` at the epoch's step), and
+        after an epoch that ``checkpoints`` saves (``checkpoints.due(epoch)``) everything logged
+        so far is written at once: a stage killed after that save resumes after it and does
+        not log those epochs again, so none may still be held (see ``INLINE_METRICS_EVERY_S``;
+        a worker outlives its stage and writes what it was sent)."""
+
+        def log(stats) -> None:
+            if metrics is None:
+                self.log_epoch(stats)
+            else:
+                self.log_metrics(metrics(stats), step=stats.epoch)
+            due = checkpoints is not None and checkpoints.due(stats.epoch)
+            if due and isinstance(self._tracker, _Inline):
+                self._tracker.write_metrics()
+
+        return log
 
     def log_artifacts(
         self, *paths: Path | str, folder: str | None = None, parent: bool = False
