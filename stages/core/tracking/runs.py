@@ -22,7 +22,7 @@ from typing import Any
 from stages.core.common.errors import TrackingError
 from stages.core.tracking.recorder import Recorder, numeric_metrics
 from stages.core.tracking.store import describe_failure
-from stages.core.tracking.worker import _import_quietly, _Worker
+from stages.core.tracking.worker import _import_quietly, _Worker, is_own_metrics
 
 # How long an inline run holds its own metrics before it writes them: epochs shorter than this
 # share one write (each is a store transaction: 200 one-epoch writes cost a fine-tune a CPU-second
@@ -42,7 +42,7 @@ class _Inline:
         self._written_at = time.monotonic()
 
     def send(self, operation: str, *args: Any) -> Any:
-        own_metrics = operation == "log_metrics" and not args[3]
+        own_metrics = is_own_metrics(operation, args)
         if own_metrics:
             self._metrics.append(args[:3])
             if time.monotonic() - self._written_at < INLINE_METRICS_EVERY_S:
@@ -107,16 +107,14 @@ class StageRun:
         """fit's ``on_epoch``: ``log_epoch`` (or ``metrics(stats)`` at the epoch's step), and
         after an epoch that ``checkpoints`` saves (``checkpoints.due(epoch)``) everything logged
         so far is written at once: a stage killed after that save resumes after it and does
-        not log those epochs again, so none may still be held (see ``INLINE_METRICS_EVERY_S``;
-        a worker outlives its stage and writes what it was sent)."""
+        not log those epochs again, so none may still be held (see ``INLINE_METRICS_EVERY_S``)."""
 
         def log(stats) -> None:
             if metrics is None:
                 self.log_epoch(stats)
             else:
                 self.log_metrics(metrics(stats), step=stats.epoch)
-            due = checkpoints is not None and checkpoints.due(stats.epoch)
-            if due and isinstance(self._tracker, _Inline):
+            if checkpoints is not None and checkpoints.due(stats.epoch):
                 self._tracker.write_metrics()
 
         return log
@@ -152,6 +150,9 @@ class _Off:
         return None
 
     call = send
+
+    def write_metrics(self) -> None:
+        return None
 
     def finish(self, status: str) -> tuple[None, list[str]]:
         self.closed = True

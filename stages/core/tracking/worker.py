@@ -88,6 +88,9 @@ class _Worker:
         self.requests.send((operation, args, True))
         return self._receive()
 
+    def write_metrics(self) -> None:
+        """Nothing to do: the worker writes what it is sent, and outlives a killed stage."""
+
     def finish(self, status: str) -> tuple[str | None, list[str]]:
         """Close the run and wait for the worker to finish logging; returns the run id and
         the notes of its operations."""
@@ -118,8 +121,14 @@ def _import_quietly(target: str) -> None:
             getattr(imported, function)()
 
 
+def is_own_metrics(operation: str, args: tuple) -> bool:
+    """Whether ``operation(*args)`` logs the run's own metrics (not also the parent's): those
+    may wait and share one write with the ones after them."""
+    return operation == "log_metrics" and not args[3]
+
+
 def _is_own_metrics(message) -> bool:
-    return bool(message) and message[0] == "log_metrics" and not message[1][3]
+    return bool(message) and is_own_metrics(message[0], message[1])
 
 
 def _serve(requests_fd: int, replies_fd: int, preload: list[str]) -> None:
