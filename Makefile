@@ -10,6 +10,11 @@ export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 # MkDocs sends no telemetry; this only silences Material's end-of-life banner on every build.
 export NO_MKDOCS_2_WARNING := 1
+# Python's bytecode caches (__pycache__/, git-ignored) stay on even where the shell turns them
+# off: without them each pytest worker compiles and rewrites every test module again (about
+# 3 s of CPU before its first test), and each of the 250-odd stages `make test` forks compiles
+# the project's modules it imports again (0.03-0.05 s each).
+unexport PYTHONDONTWRITEBYTECODE
 
 # PyTorch's CPU wheel index, for machines where PyPI's torch is the several-GB CUDA build
 # (GitHub's runners): `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
