@@ -174,7 +174,11 @@ def test_the_key_ignores_what_differs_per_stage_and_nothing_else() -> None:
     assert address(env | torchrun | make, "/repo") == base
     assert address(env | {"PATH": "/usr/bin:/usr/bin"}, "/repo") == base  # the same lookups
     assert address(env | {"PATH": "/bin:/usr/bin"}, "/repo") != base
-    assert address(env | {"OMP_NUM_THREADS": "2"}, "/repo") != base
+    # A thread count as a whole number is the stage's own (its fork takes it); another form
+    # is for a fresh process to read.
+    assert address(env | {"OMP_NUM_THREADS": "2"}, "/repo") == base
+    assert address({k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}, "/repo") == base
+    assert address(env | {"OMP_NUM_THREADS": "4,2"}, "/repo") != base
     assert address(env | {"PYTHONPATH": "/repo:/lib"}, "/repo") != base
     assert address(env | {"MLFLOW_DISABLE_TELEMETRY": "false"}, "/repo") != base
     # What the stage's own code sets, with the values it sets, changes nothing...
@@ -353,6 +357,12 @@ if action == "track":
     known = requirements_utils._MODULES_TO_PACKAGES or {}
     print(json.dumps({"worker": runs._started is not None, "torch_known": "torch" in known,
                       "known": len(known)}))
+if action == "threads":
+    import torch
+    from threadpoolctl import threadpool_info
+
+    pools = {pool["user_api"]: pool["num_threads"] for pool in threadpool_info()}
+    print(json.dumps({"torch": torch.get_num_threads(), **pools}))
 if action == "wait":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
     Path("stage.pid").write_text(str(os.getpid()))
@@ -407,6 +417,23 @@ def stage_env(server_env, checkout) -> dict:
     probe(server_env, checkout, "exit:0")  # starts it when it idled out
     wait_for_server(server_env, checkout)
     return server_env
+
+
+def test_a_forked_stage_takes_its_own_thread_count(stage_env, checkout) -> None:
+    """torchrun's ranks (OMP_NUM_THREADS=1) fork from the server every other stage uses, and
+    get the threads a fresh process would: torch's, the BLAS pool's and OpenMP's."""
+    seen = {}
+    for threads in ("1", "2", None):
+        env = {k: v for k, v in stage_env.items() if k != "OMP_NUM_THREADS"}
+        env |= {"OMP_NUM_THREADS": threads} if threads else {}
+        for how, switch in (("forked", "on"), ("plain", "off")):
+            stage, done = probe(env | {warm_start.ENABLED: switch}, checkout, "threads")
+            assert done.returncode == 0, done.stderr
+            assert (stage["stage_pid"] is not None) == (how == "forked")
+            seen[threads, how] = json.loads(done.stdout.splitlines()[1])
+    assert seen["1", "forked"] == seen["1", "plain"] == {"torch": 1, "blas": 1, "openmp": 1}
+    assert seen["2", "forked"] == seen["2", "plain"] == {"torch": 2, "blas": 2, "openmp": 2}
+    assert seen[None, "forked"] == seen[None, "plain"]
 
 
 def test_a_stage_runs_forked_with_what_it_would_have_had(stage_env, checkout) -> None:

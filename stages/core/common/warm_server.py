@@ -87,6 +87,21 @@ PID = struct.Struct("!i")  # an answer: the forked pid (0: refused)
 STATUS = struct.Struct("!i")  # a stage's end: os.waitstatus_to_exitcode
 
 
+# The thread count torchrun sets for its ranks (1), and many a user in a shell: as a whole
+# number it is the stage's own, not its server's (so a distributed stage's ranks fork from the
+# server every other stage uses). A server starts without it, and a fork takes the stage's the
+# way a fresh process takes it at start: torch's intra-op threads, the BLAS and OpenMP pools.
+THREADS = "OMP_NUM_THREADS"
+
+
+def thread_count(env: dict[str, str]) -> int | None:
+    """``OMP_NUM_THREADS`` of ``env`` when it is a whole number above 0 (the stage's own, see
+    THREADS); None otherwise (unset, or a form such as ``4,2`` that only a fresh process reads
+    as OpenMP does)."""
+    value = env.get(THREADS, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def preload_modules(env: dict[str, str]) -> tuple[str, ...]:
     """What a server imports before it serves: PRELOAD, or what ``PIPELINE_WARM_SERVER_PRELOAD``
     names (see PRELOAD_VAR)."""
@@ -132,6 +147,21 @@ def _become(request: dict) -> None:
     # seeds it from the OS; torch's default seed is fixed, as in a fresh process).
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
+    threads = thread_count(request["env"])
+    if threads is not None:
+        _use_threads(threads)
+
+
+def _use_threads(count: int) -> None:
+    """What ``OMP_NUM_THREADS=count`` gives a fresh process: torch's intra-op threads, and the
+    BLAS and OpenMP pools of the libraries loaded (threadpoolctl, which scikit-learn brings)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(count)
+    with contextlib.suppress(Exception):  # no threadpoolctl: numpy's BLAS keeps its pool
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(count)
 
 
 def _run_worker(request: dict, fds: list[int]) -> None:

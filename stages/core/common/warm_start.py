@@ -40,8 +40,10 @@ from stages.core.common.warm_server import (
     HEADER,
     PID,
     STATUS,
+    THREADS,
     peer_uid,
     receive_exactly,
+    thread_count,
 )
 
 ENABLED = "PIPELINE_WARM_SERVER"
@@ -98,9 +100,11 @@ def enabled(env: dict[str, str]) -> bool:
 
 def _server_env(env: dict[str, str], package_root: str) -> dict[str, str]:
     """``env`` as the server runs with it: with the defaults every stage sets (telemetry off,
-    MLflow's retries; the user's values kept), without the checkout on PYTHONPATH."""
+    MLflow's retries; the user's values kept), without the checkout on PYTHONPATH, and
+    without a thread count that each fork takes from its stage (warm_server.THREADS)."""
     path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != package_root]
-    server = QUIET_ENV | MLFLOW_DEFAULTS | {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    dropped = {"PYTHONPATH"} | ({THREADS} if thread_count(env) is not None else set())
+    server = QUIET_ENV | MLFLOW_DEFAULTS | {k: v for k, v in env.items() if k not in dropped}
     return server | ({"PYTHONPATH": os.pathsep.join(path)} if path else {})
 
 
