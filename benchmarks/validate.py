@@ -118,7 +118,7 @@ def plain_gate(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 
 def per_column_suite() -> list[dict]:
     """The same checks as GX's stock expectations, one per column (what the gate avoids)."""
-    from stages.core.data.expectations import NUMERIC_TYPES, expectation
+    from stages.core.data.suites import NUMERIC_TYPES, expectation
 
     suite = [
         expectation("expect_column_to_exist", column=c) for c in [*FEATURES, "label", "domain"]

@@ -27,13 +27,8 @@ from stages.core.common.errors import DataError, GateError
 from stages.core.common.io import write_json, write_parquet, write_text
 from stages.core.common.params import load_params
 from stages.core.common.schema import RESERVED
-from stages.core.data.expectations import (
-    gate,
-    infer_suite,
-    infer_text_suite,
-    load_suite,
-    suite_json,
-)
+from stages.core.data.expectations import gate
+from stages.core.data.suites import infer_suite, infer_text_suite, load_suite, suite_json
 from stages.core.data.validation_report import render_validation_html
 from stages.core.tracking.runs import stage_run
 

@@ -11,17 +11,8 @@ from conftest import DOMAINS, FEATURES, ROWS_PER_PAIR, make_raw_frame
 
 from stages.core.common.errors import DataError
 from stages.core.common.params import ValidateParams
-from stages.core.data.expectations import (
-    RAW_ROW,
-    REASON,
-    gate,
-    infer_suite,
-    load_suite,
-    params_suite,
-    run_suite,
-    short_classes,
-    suite_json,
-)
+from stages.core.data.expectations import RAW_ROW, REASON, gate, run_suite, short_classes
+from stages.core.data.suites import infer_suite, load_suite, params_suite, suite_json
 
 LENIENT = ValidateParams(max_quarantine_fraction=1.0, min_rows_per_class=1)
 

@@ -19,13 +19,7 @@ from stages.core.common.io import write_parquet
 from stages.core.common.params import DataParams, SplitParams, ValidateParams, parse_params
 from stages.core.common.schema import DOMAIN, LABEL, TEXT
 from stages.core.data.drift import most_shifted, text_drift_report
-from stages.core.data.expectations import (
-    gate,
-    infer_text_suite,
-    load_suite,
-    suite_json,
-    text_params_suite,
-)
+from stages.core.data.expectations import gate
 from stages.core.data.ingest import build_raw_dataset, skipped_columns
 from stages.core.data.sources import load_source
 from stages.core.data.splitting import (
@@ -34,6 +28,7 @@ from stages.core.data.splitting import (
     mirror_single_domain,
     split_domains,
 )
+from stages.core.data.suites import infer_text_suite, load_suite, suite_json, text_params_suite
 
 REVIEWS = pd.DataFrame(
     {
