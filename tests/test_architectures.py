@@ -15,7 +15,8 @@ from torch import nn
 
 from stages.core.common.errors import DataError, ParamsError
 from stages.core.common.params import parse_params
-from stages.core.engine.training import FitOptions, evaluate_loss, fit
+from stages.core.engine.inference import evaluate_loss
+from stages.core.engine.training import FitOptions, fit
 from stages.core.modeling.architectures import (
     REGISTRY,
     Transformer,

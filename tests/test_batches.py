@@ -12,7 +12,9 @@ from torch import nn
 
 from stages.core.engine.batches import TokenBatches
 from stages.core.engine.checkpoints import Checkpoints
-from stages.core.engine.training import FitOptions, _optimizer, fit, lr_factor, predict_proba
+from stages.core.engine.inference import predict_proba
+from stages.core.engine.optim import build_optimizer, lr_factor
+from stages.core.engine.training import FitOptions, fit
 
 PAD = 0
 
@@ -148,7 +150,7 @@ def test_token_batches_resume_to_the_same_bytes(tmp_path) -> None:
 def test_adamw_decays_matrices_only() -> None:
     model = BagOfWords()
     model.embed.requires_grad_(False)
-    optimizer, trained = _optimizer(model, None, replace(OPTIONS, optimizer="adamw"))
+    optimizer, trained = build_optimizer(model, None, replace(OPTIONS, optimizer="adamw"))
     assert isinstance(optimizer, torch.optim.AdamW)
     decayed, kept = optimizer.param_groups
     assert [p.shape for p in decayed["params"]] == [(2, 8)]
@@ -160,7 +162,7 @@ def test_an_unknown_optimizer_is_an_error() -> None:
     from stages.core.common.errors import TrainingError
 
     with pytest.raises(TrainingError, match="unknown optimizer 'sgd'"):
-        _optimizer(BagOfWords(), None, replace(OPTIONS, optimizer="sgd"))
+        build_optimizer(BagOfWords(), None, replace(OPTIONS, optimizer="sgd"))
 
 
 def test_linear_schedule() -> None:

@@ -142,7 +142,7 @@ def test_exp_run_with_two_processes(repo: Path, env: dict) -> None:
     import pandas as pd
     import torch
 
-    from stages.core.engine.training import predict
+    from stages.core.engine.inference import predict
     from stages.core.modeling.model import load_model
 
     test = pd.read_parquet(repo / "data/splits/base_test.parquet")

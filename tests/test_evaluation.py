@@ -11,7 +11,8 @@ import torch
 from conftest import make_blobs, make_config, state_copy, states_equal
 
 from stages.core.common.params import EvaluateParams
-from stages.core.engine.training import FitOptions, predict
+from stages.core.engine.inference import predict
+from stages.core.engine.training import FitOptions
 from stages.core.evaluation.baselines import (
     Draw,
     classical_baseline,

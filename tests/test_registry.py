@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import TEST_EXPERIMENT, make_blobs, make_config, make_model
 
-from stages.core.engine.training import FitOptions, fit, predict
+from stages.core.engine.inference import predict
+from stages.core.engine.training import FitOptions, fit
 from stages.core.modeling.model import save_model
 from stages.core.tracking.registry import (
     CANDIDATE,

@@ -16,7 +16,8 @@ from tiny_text import MAX_POSITIONS, labelled_texts
 
 from stages.core.common.errors import ModelError, ParamsError
 from stages.core.common.params import LoraParams, ModelParams, parse_params
-from stages.core.engine.training import FitOptions, fit, predict_proba
+from stages.core.engine.inference import predict_proba
+from stages.core.engine.training import FitOptions, fit
 from stages.core.modeling import text
 from stages.core.modeling.tokenization import label_indices, tokenize
 

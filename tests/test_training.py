@@ -8,16 +8,14 @@ import pytest
 import torch
 from conftest import make_config, make_model, state_copy, states_equal
 
+from stages.core.engine.inference import evaluate_loss, predict, predict_proba
 from stages.core.engine.training import (
     EpochStats,
     FitOptions,
     FitResult,
-    evaluate_loss,
     fit,
     fit_summary,
     history_rows,
-    predict,
-    predict_proba,
 )
 
 

@@ -27,6 +27,15 @@ from stages.core.engine.batches import IGNORE_INDEX, BlockBatches, TensorBatches
 from stages.core.engine.checkpoints import Checkpoints
 from stages.core.engine.devices import resolve_device, resolve_precision
 from stages.core.engine.distributed import World, agree, current_world
+from stages.core.engine.inference import (
+    autocast,
+    batched_logits,
+    call,
+    evaluate_loss,
+    token_loss_sum,
+    token_val_loss,
+)
+from stages.core.engine.optim import build_optimizer, lr_factor
 from stages.core.engine.progress import EpochProgress
 
 
@@ -151,7 +160,7 @@ def _fit(
     train_data, val_data = as_batches(train).to(device), as_batches(val).to(device)
     if len(val_data) == 0:
         raise TrainingError("the val split has no rows: nothing to judge the training by")
-    optimizer, trained = _optimizer(net, param_groups, options)
+    optimizer, trained = build_optimizer(net, param_groups, options)
     steps_per_epoch = math.ceil(len(train_data) / (options.batch_size * options.grad_accum))
     warmup_steps = round(options.warmup_epochs * steps_per_epoch)
     scheduler = None  # a constant lr needs none (and saves its per-step cost)
@@ -256,62 +265,6 @@ def token_targets(data: Batches) -> bool:
     return getattr(data, "token_targets", False)
 
 
-def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over the target tokens of a batch (logits: rows x positions x
-    classes), in float32."""
-    return nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
-def _optimizer(
-    model: nn.Module, param_groups: list[dict] | None, options: FitOptions
-) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
-    """The optimizer over ``param_groups`` (or every parameter that requires grad) and the
-    parameters it trains. AdamW without groups decays the matrices only (nanoGPT's rule:
-    biases, norms' scales and other vectors keep their values)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if options.optimizer == "adamw":
-        groups = param_groups or [
-            {"params": [p for p in trainable if p.dim() >= 2]},
-            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        groups = [group for group in groups if group["params"]]
-        # One fused kernel per step on CUDA (the pretraining benchmark's MFU needs it); plain
-        # tensors only: FSDP's sharded parameters take the default implementation.
-        fused = bool(trainable) and all(
-            p.is_cuda and not hasattr(p, "device_mesh") for p in trainable
-        )
-        fused = fused or None
-        optimizer = torch.optim.AdamW(
-            groups, lr=options.lr, weight_decay=options.weight_decay, fused=fused
-        )
-    elif options.optimizer == "adam":
-        groups = param_groups or [{"params": trainable}]
-        optimizer = torch.optim.Adam(groups, lr=options.lr, weight_decay=options.weight_decay)
-    else:
-        raise TrainingError(f"unknown optimizer {options.optimizer!r} (adam or adamw)")
-    return optimizer, [p for group in groups for p in group["params"]]
-
-
-def lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """The multiplier of the base lr at each optimizer step (0-based): a linear warmup over
-    ``warmup_steps``, then 1 (``constant``), or from 1 down to 0 at ``total_steps`` in a line
-    (``linear``) or a cosine (``cosine``)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if schedule == "linear":
-            return 1.0 - done
-        return 0.5 * (1.0 + math.cos(math.pi * done))
-
-    return factor
-
-
 @dataclass
 class _LoopState:
     """What the loop carries from epoch to epoch (and a checkpoint carries across a kill)."""
@@ -393,7 +346,7 @@ def _train_epoch(
             if world.size > 1:
                 idx = idx[world.rank :: world.size]
             with _gradient_sync(step_model, world.size == 1 or i == len(batches) - 1):
-                with _autocast(device, autocast_dtype):
+                with autocast(device, autocast_dtype):
                     logits = call(step_model, data.inputs(idx))
                     if plain:  # the common case, kept exactly as the bare loop computes it
                         loss = nn.functional.cross_entropy(logits, y[idx])
@@ -465,7 +418,7 @@ def _train_token_epoch(
             if world.size > 1:
                 rows = rows[world.rank :: world.size]
             with _gradient_sync(step_model, world.size == 1 or i == len(pieces) - 1):
-                with _autocast(device, autocast_dtype):
+                with autocast(device, autocast_dtype):
                     logits = call(step_model, {k: v[rows] for k, v in inputs.items()})
                     loss_sum = token_loss_sum(logits, targets[rows])
                 total += loss_sum.detach()
@@ -542,11 +495,6 @@ def _restore(
     loop.best_state = state["best_state"]
 
 
-def call(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits for one batch's inputs: a tensor, or a dict of keyword arguments."""
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-
-
 def _val_loss(
     model: nn.Module, data: Batches, options: FitOptions, autocast_dtype: torch.dtype | None
 ) -> tuple[float, float]:
@@ -560,94 +508,6 @@ def _val_loss(
     )
     loss = nn.functional.cross_entropy(logits.float(), data.y)
     return float(loss), float((logits.argmax(dim=1) == data.y).float().mean())
-
-
-@torch.no_grad()
-def batched_logits(
-    model: nn.Module,
-    data: TokenBatches,
-    batch_size: int,
-    autocast_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Logits of every row of ``data`` in eval mode, in its row order, computed in batches of
-    similar lengths (on ``data``'s device)."""
-    model.eval()
-    order = data.eval_order().to(data.ids.device)
-    pieces = []
-    for idx in order.split(batch_size):
-        with _autocast(data.ids.device, autocast_dtype):
-            pieces.append(call(model, data.inputs(idx)).float())
-    logits = torch.cat(pieces)
-    return logits[torch.argsort(order)]
-
-
-# The validation masks of an MLM: drawn from this seed at every evaluation, so that every
-# epoch is judged on the same masked tokens.
-VAL_MASK_SEED = 0
-
-
-@torch.no_grad()
-def token_val_loss(
-    model: nn.Module, data: BlockBatches, batch_size: int, autocast_dtype: torch.dtype | None
-) -> tuple[float, float]:
-    """Mean cross-entropy over the target tokens of ``data`` (every block, in eval mode) and
-    the share of them the model predicts (masked-token or next-token accuracy)."""
-    model.eval()
-    generator = torch.Generator().manual_seed(VAL_MASK_SEED)
-    loss = torch.zeros((), dtype=torch.float64)
-    hits, counted = 0, 0
-    for idx in data.eval_order().to(data.ids.device).split(batch_size):
-        inputs, targets = data.labelled(idx, generator)
-        with _autocast(data.ids.device, autocast_dtype):
-            logits = call(model, inputs)
-        loss += token_loss_sum(logits, targets).double().cpu()
-        kept = targets != IGNORE_INDEX
-        hits += int((logits.argmax(-1)[kept] == targets[kept]).sum())
-        counted += int(kept.sum())
-    if counted == 0:
-        return math.nan, math.nan
-    return float(loss / counted), hits / counted
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    """bf16 autocast when a dtype is chosen (CUDA); a no-op context in fp32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None = None
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on (x, y), in eval mode."""
-    model.eval()
-    if len(x) == 0:
-        return math.nan, math.nan
-    with _autocast(x.device, autocast_dtype):
-        logits = model(x)
-    loss = nn.functional.cross_entropy(logits.float(), y)
-    accuracy = (logits.argmax(dim=1) == y).float().mean()
-    return float(loss), float(accuracy)
-
-
-@torch.no_grad()
-def predict_proba(
-    model: nn.Module, x: torch.Tensor | TokenBatches, batch_size: int = 256
-) -> torch.Tensor:
-    """Class probabilities for ``x``: the softmax of ``model``'s logits, on the CPU.
-
-    One row per input, one column per class index. The softmax runs in float64 so that each
-    row sums to 1 as closely as scikit-learn's probability metrics expect. Token batches run
-    in batches of ``batch_size`` texts.
-    """
-    model.eval()
-    if isinstance(x, TokenBatches):
-        return torch.softmax(batched_logits(model, x, batch_size).double().cpu(), dim=1)
-    return torch.softmax(model(x).double(), dim=1)
-
-
-def predict(model: nn.Module, x: torch.Tensor | TokenBatches) -> torch.Tensor:
-    """Class indices predicted by ``model`` for ``x``: the most probable class of each row."""
-    return predict_proba(model, x).argmax(dim=1)
 
 
 def history_rows(result: FitResult) -> list[dict]:

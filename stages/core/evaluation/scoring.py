@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from stages.core.common.schema import LABEL
-from stages.core.engine.training import predict_proba
+from stages.core.engine.inference import predict_proba
 from stages.core.modeling.model import Classifier, ModelConfig, encode
 
 

@@ -37,7 +37,8 @@ from stages.core.common.params import LoraParams, ModelParams
 from stages.core.common.telemetry import silence
 from stages.core.engine.batches import TokenBatches
 from stages.core.engine.devices import resolve_device
-from stages.core.engine.training import FitOptions, FitResult, fit, fit_options, predict_proba
+from stages.core.engine.inference import predict_proba
+from stages.core.engine.training import FitOptions, FitResult, fit, fit_options
 from stages.core.modeling.tokenization import tokenize
 
 TEXT_META = "pipeline.json"  # beside HF's own config.json, which must keep its name
