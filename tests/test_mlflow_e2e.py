@@ -276,8 +276,9 @@ def stop(process: subprocess.Popen) -> None:
 def test_tracking_server_registry_and_serving(
     pipeline_repo: Path, pipeline_env: dict, tmp_path: Path, empty_store: Path
 ) -> None:
-    """The pipeline logs to a real `mlflow server` (SQLite backend, proxied artifacts); the
-    champion read back from it predicts, and `mlflow models serve` answers HTTP requests."""
+    """The pipeline logs to a real `mlflow server` (SQLite backend, proxied artifacts), and the
+    champion read back from it predicts. (`mlflow models serve` answers for the champion of a
+    fresh clone's store below, and for one of the team stack's server in test_team_e2e.py.)"""
     import mlflow.pyfunc
     from mlflow import MlflowClient
 
@@ -315,14 +316,6 @@ def test_tracking_server_registry_and_serving(
         metrics = json.loads((pipeline_repo / "metrics/evaluate.json").read_text())
         accuracy = (predicted.to_numpy() == target["label"]).mean()
         assert round(accuracy, 6) == metrics["finetuned"]["accuracy"]
-
-        rows = features_of(target).head(7)
-        labels, probabilities = serve_and_ask(
-            f"models:/{MODEL}@champion", rows, env, tmp_path / "serve.log",
-            requests=({}, {"probabilities": True}),
-        )  # fmt: skip
-        assert as_labels(labels) == predicted.head(7).tolist()
-        assert len(probabilities) == 7 and len(probabilities[0]) == 10
     finally:
         mlflow.set_tracking_uri(None)
         stop(server)
@@ -414,10 +407,14 @@ def test_first_make_pipeline_on_a_fresh_clone_fills_mlflow(
     accuracy = (predicted.to_numpy() == target["label"].to_numpy()).mean()
     assert round(accuracy, 6) == metrics["finetuned"]["accuracy"]
     env = pipeline_env | {"MLFLOW_TRACKING_URI": f"sqlite:///{clone / 'mlflow.db'}"}
-    (served,) = serve_and_ask(
-        f"models:/{MODEL}@champion", features_of(target).head(7), env, tmp_path / "serve.log"
-    )
+    served, probabilities = serve_and_ask(
+        f"models:/{MODEL}@champion", features_of(target).head(7), env, tmp_path / "serve.log",
+        requests=({}, {"probabilities": True}),
+    )  # fmt: skip
     assert as_labels(served) == predicted.head(7).tolist()
+    # A row of probabilities keyed by class, the most likely class the label served above.
+    assert [sorted(row, key=int) for row in probabilities] == [[str(c) for c in range(10)]] * 7
+    assert [int(max(row, key=row.get)) for row in probabilities] == as_labels(served)
 
     again = run_command(make, clone, pipeline_env)
     assert ran_stages(again.stdout) == [] and "pipeline:" not in again.stdout

@@ -5,10 +5,8 @@ temporary git repo holding a copy of the project."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +47,9 @@ def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def env() -> dict:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
-    environment |= {"MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false"}
+def env(pipeline_env: dict) -> dict:
     # Nothing here reads MLflow (test_mlflow_e2e does): no store, no runs, seconds per stage saved
-    environment["PIPELINE_TRACKING"] = "off"
-    return environment
+    return pipeline_env | {"PIPELINE_TRACKING": "off"}
 
 
 def new_project(root: Path, env: dict) -> Path:

@@ -144,11 +144,13 @@ def test_up_again_keeps_the_running_stack(team_stack: TeamStack) -> None:
 
 
 def test_the_pipeline_logs_to_the_shared_server(
-    team_stack: TeamStack, team_repo: Path, monkeypatch
+    team_stack: TeamStack, team_repo: Path, monkeypatch, tmp_path: Path
 ) -> None:
     """One parent with six children, stored in PostgreSQL, artifacts on the server's side;
-    the champion loads from the server's registry and predicts what evaluate measured."""
+    the champion loads from the server's registry and predicts what evaluate measured, and
+    `mlflow models serve` of it, in a teammate's shell, answers the same."""
     import mlflow.pyfunc
+    from test_mlflow_e2e import as_labels, serve_and_ask
 
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -189,6 +191,12 @@ def test_the_pipeline_logs_to_the_shared_server(
     accuracy = (predicted.to_numpy() == target["label"]).mean()
     metrics = json.loads((team_repo / "metrics/evaluate.json").read_text())
     assert round(accuracy, 6) == metrics["finetuned"]["accuracy"]
+
+    rows = target.drop(columns=["label", "domain"]).head(7)
+    (served,) = serve_and_ask(
+        f"models:/{MODEL}@champion", rows, team_stack.env, tmp_path / "serve.log"
+    )
+    assert as_labels(served) == predicted.head(7).tolist()
 
 
 def test_parallel_queued_experiments_lose_no_run(
