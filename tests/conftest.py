@@ -93,9 +93,11 @@ def empty_store(tmp_path_factory) -> Path:
     where a test needs a store of its own, sparing MLflow's 3-4 s of schema migrations each
     time; a fresh clone's first run still creates its store (test_mlflow_e2e.py)."""
 
-    def build(target: Path) -> None:
-        from mlflow.tracking import MlflowClient
+    # Imported before the lock, not in build(): a worker that waits for another's build
+    # imports MLflow (which nearly every worker needs) meanwhile, on the other core.
+    from mlflow.tracking import MlflowClient
 
+    def build(target: Path) -> None:
         target.mkdir(parents=True)
         # From inside it: the Default experiment's artifact location (./mlruns/0) is then
         # under the folder, which each copy rewrites, not under the checkout.
