@@ -48,22 +48,25 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != VENV_BIN:
 os.environ.setdefault("PIPELINE_WARM_SERVER_IDLE", "600")
 
 
-def _exit_without_teardown() -> None:
-    """End a pytest-xdist worker once the other exit handlers have run, skipping the
-    interpreter's teardown: freeing the modules and objects of torch, MLflow, GX and hundreds
-    of tests takes a worker 3-5 s of CPU after its results are all sent, and the run waits."""
+def _exit_without_teardown(worker_pid: int) -> None:
+    """End a pytest-xdist worker once the exit handlers registered after this one have run,
+    skipping the interpreter's teardown: freeing the modules and objects of torch, MLflow, GX
+    and hundreds of tests takes a worker 2-5 s of CPU after its results are all sent, and the
+    run waits for it. Only in the worker itself: a process it forked exits as it would."""
+    if os.getpid() != worker_pid:
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
 
 
-# Registered before the libraries the tests import register theirs: it runs after them.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    atexit.register(_exit_without_teardown)
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """Settings of the processes that run tests (not pytest-xdist's controller)."""
+    if hasattr(config, "workerinput"):
+        # Here, not at import: a child process that imports conftest (some tests run
+        # `python -c "from test_x import ..."`) keeps its own exit status. Registered before
+        # the libraries the tests import register theirs, so it runs after them.
+        atexit.register(_exit_without_teardown, os.getpid())
     if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
         return
     import torch

@@ -273,7 +273,7 @@ def stop(process: subprocess.Popen) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def test_tracking_server_registry_and_serving(
+def test_tracking_server_and_registry(
     pipeline_repo: Path, pipeline_env: dict, tmp_path: Path, empty_store: Path
 ) -> None:
     """The pipeline logs to a real `mlflow server` (SQLite backend, proxied artifacts), and the
@@ -333,7 +333,7 @@ def serve_and_ask(
             str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri,
             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
         ],
-        env | {"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"},
+        env,
         log,
     )  # fmt: skip
     answers = []
