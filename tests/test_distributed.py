@@ -11,7 +11,8 @@ import torch
 from conftest import make_blobs, make_config, make_model, spawn_ranks, state_copy
 
 from stages.core.engine.checkpoints import Checkpoints
-from stages.core.engine.training import EpochStats, FitOptions, fit
+from stages.core.engine.loop_state import EpochStats
+from stages.core.engine.training import FitOptions, fit
 
 OPTIONS = FitOptions(epochs=6, batch_size=16, lr=0.02, seed=3, device="cpu", cpu_threads=1)
 

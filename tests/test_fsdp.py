@@ -21,7 +21,8 @@ from stages.core.common.errors import ParamsError, TrainingError
 from stages.core.common.params import parse_params
 from stages.core.engine.checkpoints import Checkpoints
 from stages.core.engine.distributed import repeated_blocks
-from stages.core.engine.training import EpochStats, FitOptions, fit
+from stages.core.engine.loop_state import EpochStats
+from stages.core.engine.training import FitOptions, fit
 
 TRANSFORMER = {"width": 16, "depth": 2, "heads": 2, "patch_size": 2, "mlp_ratio": 2}
 # grad_accum and grad_clip: the no_sync equivalent and clipping over DTensors are exercised

@@ -13,7 +13,7 @@ import pytest
 from conftest import TEST_EXPERIMENT
 
 from stages.core.common.errors import DataError, TrackingError
-from stages.core.engine.training import EpochStats
+from stages.core.engine.loop_state import EpochStats
 from stages.core.tracking.recorder import flatten
 from stages.core.tracking.runs import stage_run
 from stages.core.tracking.store import ensure_experiment, redact, repo_root, tracking_uri

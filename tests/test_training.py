@@ -9,8 +9,8 @@ import torch
 from conftest import make_config, make_model, state_copy, states_equal
 
 from stages.core.engine.inference import evaluate_loss, predict, predict_proba
+from stages.core.engine.loop_state import EpochStats
 from stages.core.engine.training import (
-    EpochStats,
     FitOptions,
     FitResult,
     fit,

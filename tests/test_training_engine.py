@@ -15,9 +15,10 @@ from torch import nn
 
 from stages.core.common.errors import TrainingError
 from stages.core.engine.checkpoints import CHECKPOINT_FILE, Checkpoints, fingerprint
+from stages.core.engine.loop_state import EpochStats
 from stages.core.engine.optim import lr_factor
 from stages.core.engine.progress import EpochProgress
-from stages.core.engine.training import EpochStats, FitOptions, fit
+from stages.core.engine.training import FitOptions, fit
 
 # Every state a resume must restore matters here: dropout (global RNG), the shuffle, a cosine
 # schedule with warmup, Adam's moments, accumulation and early stopping's best weights.

@@ -12,10 +12,9 @@ stopping, checkpoints that resume to the same bytes, DistributedDataParallel (or
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from stages.core.engine.inference import (
     token_loss_sum,
     token_val_loss,
 )
+from stages.core.engine.loop_state import EpochStats, LoopState, restore, take_snapshot
 from stages.core.engine.optim import build_optimizer, lr_factor
 from stages.core.engine.progress import EpochProgress
 
@@ -68,14 +68,6 @@ def fit_options(section: Mapping[str, Any], **overrides: Any) -> FitOptions:
     """FitOptions from a params section (``train``), skipping its keys that are not options."""
     names = {f.name for f in fields(FitOptions)}
     return FitOptions(**{k: v for k, v in section.items() if k in names} | overrides)
-
-
-@dataclass(frozen=True)
-class EpochStats:
-    epoch: int
-    train_loss: float
-    val_loss: float
-    val_accuracy: float
 
 
 @dataclass
@@ -168,7 +160,7 @@ def _fit(
         factor = lr_factor(options.schedule, warmup_steps, options.epochs * steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generator = torch.Generator().manual_seed(options.seed)
-    loop = _LoopState()
+    loop = LoopState()
     resumed = checkpoints.latest() if checkpoints is not None else None
     if checkpoints is not None and world.size > 1:
         resumed = world.broadcast(resumed)  # rank 0's: other nodes may not share its disk
@@ -177,7 +169,7 @@ def _fit(
             from stages.core.engine.distributed import load_sharded
 
             load_sharded(net, optimizer, checkpoints.directory / resumed["sharded"])
-        _restore(resumed, net, optimizer, scheduler, generator, loop, world, device)
+        restore(resumed, net, optimizer, scheduler, generator, loop, world, device)
     step_model = _for_training(net, options, world, device, fsdp)
     state_of = _full_state_of(net) if fsdp else net.state_dict
     with EpochProgress(progress if world.is_main else None, options.epochs, loop.epoch) as shown:
@@ -209,7 +201,7 @@ def _fit(
                     folder = checkpoints.sharded_folder(epoch)
                     save_sharded(net, optimizer, folder)
                     sharded = folder.name
-                snapshot = _snapshot(
+                snapshot = take_snapshot(
                     net, optimizer, scheduler, generator, loop, world, device, sharded
                 )
                 checkpoints.save(snapshot)
@@ -263,30 +255,6 @@ def token_targets(data: Batches) -> bool:
     """True when the source's targets are per token (``labelled`` gives a step's inputs and
     targets, ``IGNORE_INDEX`` where none): the loss is then the mean over target tokens."""
     return getattr(data, "token_targets", False)
-
-
-@dataclass
-class _LoopState:
-    """What the loop carries from epoch to epoch (and a checkpoint carries across a kill)."""
-
-    epoch: int = 0
-    history: list[EpochStats] = field(default_factory=list)
-    best_loss: float = math.inf
-    best_epoch: int = 0
-    best_state: dict | None = None
-
-    def record(self, stats: EpochStats, state_of: Callable[[], dict], patience: int | None) -> bool:
-        """Early stopping's bookkeeping for a finished epoch; True when it says stop.
-        ``state_of`` gives the model's state (copied when it is the best so far)."""
-        self.epoch = stats.epoch
-        if patience is None:
-            self.best_epoch = stats.epoch
-            return False
-        if stats.val_loss < self.best_loss:
-            self.best_loss, self.best_epoch = stats.val_loss, stats.epoch
-            self.best_state = copy.deepcopy(state_of())
-            return False
-        return stats.epoch - self.best_epoch >= patience
 
 
 def _for_training(
@@ -426,73 +394,6 @@ def _train_token_epoch(
                 loss.backward()
         _optimizer_step(optimizer, scheduler, trained, options)
     return total, max(counted, 1)
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _snapshot(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    generator: torch.Generator,
-    loop: _LoopState,
-    world: World,
-    device: torch.device,
-    sharded: str | None = None,
-) -> dict:
-    """Everything an uninterrupted run would carry on with after ``loop.epoch``. Every rank
-    must call it (the RNG states are gathered); rank 0 saves it. Under fsdp, ``sharded`` names
-    the folder that holds the model and optimizer state instead."""
-    weights = (
-        {"sharded": sharded}
-        if sharded is not None
-        else {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    )
-    return {
-        "epoch": loop.epoch,
-        **weights,
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
-        "shuffle_rng": generator.get_state(),
-        "rng": world.gather(_rng_state(device)),  # dropout and LoRA dropout draw from these
-        "history": [asdict(stats) for stats in loop.history],
-        "best_loss": loop.best_loss,
-        "best_epoch": loop.best_epoch,
-        "best_state": loop.best_state,
-    }
-
-
-def _restore(
-    state: dict,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    generator: torch.Generator,
-    loop: _LoopState,
-    world: World,
-    device: torch.device,
-) -> None:
-    """Put the loop back where ``state`` (a checkpoint) left it (under fsdp, the model and
-    optimizer came back from their shards before)."""
-    if "sharded" not in state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["shuffle_rng"])
-    rng = state["rng"][world.rank]
-    torch.set_rng_state(rng["torch"])
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"], device)
-    loop.epoch = state["epoch"]
-    loop.history = [EpochStats(**stats) for stats in state["history"]]
-    loop.best_loss = state["best_loss"]
-    loop.best_epoch = state["best_epoch"]
-    loop.best_state = state["best_state"]
 
 
 def _val_loss(

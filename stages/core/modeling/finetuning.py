@@ -18,7 +18,8 @@ from stages.core.common.numbers import plain
 from stages.core.common.params import LoraParams, Params
 from stages.core.common.schema import LABEL
 from stages.core.engine.checkpoints import Checkpoints
-from stages.core.engine.training import EpochStats, FitOptions, FitResult, fit, fit_options
+from stages.core.engine.loop_state import EpochStats
+from stages.core.engine.training import FitOptions, FitResult, fit, fit_options
 from stages.core.modeling import text
 from stages.core.modeling.lora import add_lora, merge_lora, resolve_targets
 from stages.core.modeling.model import Classifier, ModelConfig, encode

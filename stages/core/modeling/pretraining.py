@@ -31,7 +31,8 @@ from stages.core.common.params import HfParams, Params
 from stages.core.common.schema import LABEL, TEXT
 from stages.core.engine.batches import BlockBatches
 from stages.core.engine.checkpoints import Checkpoints
-from stages.core.engine.training import EpochStats, FitResult, fit, fit_summary, history_rows
+from stages.core.engine.loop_state import EpochStats
+from stages.core.engine.training import FitResult, fit, fit_summary, history_rows
 from stages.core.modeling import text
 
 PRETRAINING = ("mlm", "clm")  # the train.objective values that pretrain a language model

@@ -15,7 +15,8 @@ import torch
 from stages.core.common.params import Params
 from stages.core.common.schema import LABEL, TEXT
 from stages.core.engine.checkpoints import Checkpoints
-from stages.core.engine.training import EpochStats, FitResult, fit
+from stages.core.engine.loop_state import EpochStats
+from stages.core.engine.training import FitResult, fit
 from stages.core.modeling import text
 from stages.core.modeling.tokenization import Tokenized, label_indices, tokenize
 
