@@ -12,7 +12,7 @@ Three comparisons, each measured in this process against its baseline:
 2. Dynamic padding with length grouping against padding every text to ``max_length`` (the
    same loop, the same mask: only the batches' width differs).
 3. The ``head`` strategy with the frozen body's outputs cached once
-   (``text.fit_head_on_embeddings``) against training the head through the frozen body every
+   (``text_head.fit_head_on_embeddings``) against training the head through the frozen body every
    epoch.
 
 The checkpoint: ``--model`` (a Hugging Face folder), else all-MiniLM-L6-v2 from the demo extra
@@ -52,7 +52,7 @@ import torch  # noqa: E402
 from stages.core.common.params import LoraParams, ModelParams  # noqa: E402
 from stages.core.engine.batches import TokenBatches  # noqa: E402
 from stages.core.engine.training import FitOptions, fit  # noqa: E402
-from stages.core.modeling import text  # noqa: E402
+from stages.core.modeling import text, text_head  # noqa: E402
 from stages.core.modeling.tokenization import tokenize  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -207,7 +207,7 @@ def head_runs(folder, classes, tokens, val, options, lora, max_length) -> tuple[
         start = now()
         result = None
         if cached:
-            result = text.fit_head_on_embeddings(model, head_config, tokens, val, options)
+            result = text_head.fit_head_on_embeddings(model, head_config, tokens, val, options)
             if result is None:
                 raise SystemExit("benchmarks.text: this model's head cannot be cached")
         else:

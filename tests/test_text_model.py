@@ -18,7 +18,7 @@ from stages.core.common.errors import ModelError, ParamsError
 from stages.core.common.params import LoraParams, ModelParams, parse_params
 from stages.core.engine.inference import predict_proba
 from stages.core.engine.training import FitOptions, fit
-from stages.core.modeling import text
+from stages.core.modeling import text, text_head
 from stages.core.modeling.tokenization import label_indices, tokenize
 
 CLASSES = ["neg", "pos"]
@@ -340,9 +340,9 @@ def test_head_strategy_trains_on_cached_embeddings(tiny_checkpoints, family) -> 
         _data(tokenizer, config.max_length, 96, 7),
         _data(tokenizer, config.max_length, 32, 8),
     )
-    cached = text.head_inputs(model, config, val, batch_size=8)
+    cached = text_head.head_inputs(model, config, val, batch_size=8)
     assert cached is not None and len(cached) == 32
-    result = text.fit_head_on_embeddings(
+    result = text_head.fit_head_on_embeddings(
         model, config, train, val, replace(OPTIONS, epochs=30, lr=0.05)
     )
     assert result is not None
@@ -359,7 +359,10 @@ def test_head_strategy_trains_on_cached_embeddings(tiny_checkpoints, family) -> 
 def test_a_head_of_several_modules_is_not_cached(tiny_checkpoints) -> None:
     model, tokenizer, config = _load(tiny_checkpoints["bert"])
     data = _data(tokenizer, config.max_length, 8, 9)
-    assert text.head_inputs(model, config.replace(head=["classifier", "dropout"]), data, 4) is None
+    assert (
+        text_head.head_inputs(model, config.replace(head=["classifier", "dropout"]), data, 4)
+        is None
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -452,7 +455,7 @@ def test_mean_pooling_is_saved_and_cached_and_kept_by_lora(tiny_checkpoints, tmp
         _data(tokenizer, config.max_length, 64, 12),
         _data(tokenizer, config.max_length, 16, 13),
     )
-    result = text.fit_head_on_embeddings(
+    result = text_head.fit_head_on_embeddings(
         model, config, train, val, replace(OPTIONS, epochs=20, lr=0.05)
     )
     assert result is not None and result.history[-1].train_loss < result.history[0].train_loss

@@ -20,7 +20,7 @@ from stages.core.common.schema import LABEL
 from stages.core.engine.checkpoints import Checkpoints
 from stages.core.engine.loop_state import EpochStats
 from stages.core.engine.training import FitOptions, FitResult, fit, fit_options
-from stages.core.modeling import text
+from stages.core.modeling import text, text_head
 from stages.core.modeling.lora import add_lora, merge_lora, resolve_targets
 from stages.core.modeling.model import Classifier, ModelConfig, encode
 from stages.core.modeling.text_training import TextRun, tokenize_rows
@@ -166,7 +166,7 @@ def finetune_text(
     kwargs = {"checkpoints": checkpoints, "progress": progress}
     result = None
     if strategy == "head":
-        result = text.fit_head_on_embeddings(
+        result = text_head.fit_head_on_embeddings(
             model, config, t.batches, v.batches, options, on_epoch, **kwargs
         )
     if result is None:
