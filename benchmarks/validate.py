@@ -146,7 +146,7 @@ def per_column_suite() -> list[dict]:
 def our_gate(
     frame: pd.DataFrame, suite: list[dict] | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    from stages.core.common.params import ValidateParams
+    from stages.core.common.data_params import ValidateParams
     from stages.core.data.expectations import gate
 
     params = ValidateParams(

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from stages.core.common.data_params import DataParams
 from stages.core.common.errors import DataError
-from stages.core.common.params import DataParams
 from stages.core.common.schema import DOMAIN, LABEL
 from stages.core.data.ingest import (
     assign_domains,

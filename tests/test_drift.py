@@ -8,7 +8,7 @@ import pytest
 from conftest import make_raw_frame
 from scipy import stats
 
-from stages.core.common.params import SplitParams
+from stages.core.common.data_params import SplitParams
 from stages.core.data.drift import (
     PSI_FLOOR,
     SHIFTED_PSI,

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from conftest import DOMAINS, FEATURES, ROWS_PER_PAIR, make_raw_frame
 
+from stages.core.common.data_params import ValidateParams
 from stages.core.common.errors import DataError
-from stages.core.common.params import ValidateParams
 from stages.core.data.expectations import RAW_ROW, REASON, gate, run_suite, short_classes
 from stages.core.data.suites import infer_suite, load_suite, params_suite, suite_json
 
@@ -453,7 +453,7 @@ def test_bad_suite_file_is_one_line(tmp_path, content: str | None, expected: str
 def test_a_few_bad_pixels_in_the_demo_quarantine_only_their_rows() -> None:
     """The issue's first failure: ~2% of rows with NaN, inf or out-of-range pixels stopped the
     pipeline with half the dataset quarantined (the rendering bound moved with them)."""
-    from stages.core.common.params import DataParams
+    from stages.core.common.data_params import DataParams
     from stages.core.data.ingest import build_raw_dataset
     from stages.core.data.sources import load_sklearn
 

@@ -8,7 +8,7 @@ from conftest import DOMAINS, FEATURES, make_raw_frame
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from stages.core.common.params import ValidateParams
+from stages.core.common.data_params import ValidateParams
 from stages.core.data.expectations import RAW_ROW, REASON, gate
 
 BASE = make_raw_frame(rows_per_pair=4, seed=11)  # 24 rows

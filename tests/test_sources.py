@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from stages.core.common.data_params import DataParams
 from stages.core.common.errors import DataError
 from stages.core.common.io import write_parquet
 from stages.core.common.layout import SOURCE_CACHE
-from stages.core.common.params import DataParams
 from stages.core.common.schema import DOMAIN, LABEL
 from stages.core.data import sources
 from stages.core.data.ingest import build_raw_dataset

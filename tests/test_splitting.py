@@ -10,8 +10,8 @@ import pytest
 from conftest import make_raw_frame
 
 from stages.core.common import layout
+from stages.core.common.data_params import SplitParams
 from stages.core.common.errors import DataError
-from stages.core.common.params import SplitParams
 from stages.core.data.splitting import (
     PARTS,
     check_leakage,

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stages.core.common.data_params import DataParams, SplitParams, ValidateParams
 from stages.core.common.errors import DataError, ParamsError
 from stages.core.common.io import write_parquet
-from stages.core.common.params import DataParams, SplitParams, ValidateParams, parse_params
+from stages.core.common.params import parse_params
 from stages.core.common.schema import DOMAIN, LABEL, TEXT
 from stages.core.data.drift import most_shifted, text_drift_report
 from stages.core.data.expectations import gate

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from conftest import DOMAINS, FEATURES, make_raw_frame
 
-from stages.core.common.params import ValidateParams
+from stages.core.common.data_params import ValidateParams
 from stages.core.data.expectations import gate
 from stages.core.data.validation_report import render_validation_html
 

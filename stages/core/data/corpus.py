@@ -31,9 +31,10 @@ import numpy as np
 import pandas as pd
 
 from stages.core.common import layout
+from stages.core.common.data_params import DataParams
 from stages.core.common.digests import file_sha256
 from stages.core.common.errors import DataError
-from stages.core.common.params import DataParams, Params
+from stages.core.common.params import Params
 from stages.core.common.schema import TEXT
 from stages.core.data.sources import TABLE_SUFFIXES, URL_SCHEMES, fetch, read_table
 from stages.core.data.text import clean_code_points, first_invalid, is_blank, normalized

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stages.core.common.data_params import ValidateParams
 from stages.core.common.errors import DataError, one_line
 from stages.core.common.layout import RAW, REJECTED
 from stages.core.common.numbers import number_like, plain
-from stages.core.common.params import ValidateParams
 from stages.core.common.schema import DOMAIN, LABEL
 from stages.core.common.telemetry import silence
 from stages.core.data.suites import (

@@ -21,11 +21,11 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 
+from stages.core.common.data_params import DataParams
 from stages.core.common.digests import file_sha256
 from stages.core.common.errors import DataError, one_line
 from stages.core.common.io import write_atomic
 from stages.core.common.layout import SOURCE_CACHE
-from stages.core.common.params import DataParams
 from stages.core.data.text import clean_code_points
 
 SKLEARN_PREFIX = "sklearn:"

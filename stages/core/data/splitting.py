@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from stages.core.common.data_params import SplitParams
 from stages.core.common.errors import DataError
 from stages.core.common.numbers import plain
-from stages.core.common.params import SplitParams
 from stages.core.common.schema import DOMAIN, LABEL, TEXT
 from stages.core.data.text import normalized
 

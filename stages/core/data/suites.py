@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stages.core.common.data_params import ValidateParams
 from stages.core.common.errors import DataError, one_line
 from stages.core.common.layout import RAW
 from stages.core.common.numbers import plain
-from stages.core.common.params import ValidateParams
 from stages.core.common.schema import DOMAIN, LABEL, TEXT
 from stages.core.common.telemetry import silence
 

@@ -10,9 +10,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+from stages.core.common.data_params import DataParams
 from stages.core.common.errors import DataError, ModelError, one_line
 from stages.core.common.io import read_json, write_dir_atomic, write_json
-from stages.core.common.params import DataParams, ModelParams
+from stages.core.common.params import ModelParams
 from stages.core.common.schema import LABEL, RESERVED
 from stages.core.modeling.architectures import build_body
 
