@@ -55,7 +55,7 @@ def rng_state(device: torch.device) -> dict:
     """The CPU's (and the device's, on CUDA) random number generator state."""
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.getrng_state(device)
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
